@@ -1,0 +1,1 @@
+"""Pallas kernels, installed as ``rwkvunet_jax.kernels`` (see pyproject.toml)."""
