@@ -1,0 +1,156 @@
+"""Training augmentations on numpy arrays: image (H, W, C) float32, label (H, W) int32.
+
+Every random choice is drawn from the ``numpy.random.Generator`` passed in (grain's ``random_map``
+derives it from the pipeline seed and the example's position), so a recipe is deterministic per seed.
+Labels are only ever moved with nearest-neighbour (order 0) interpolation, so they keep their class set.
+
+Recipes (``RECIPES``), each ending at the network size:
+
+* ``synapse`` (official ``RandomGenerator``): p=0.1 brightness/contrast, p=0.1 random crop (ratio
+  U(0.8, 1.2) capped at 1, nearest resize back), then nearest resize of image and label. The official
+  rotation/flip is commented out; ``rot_flip=True`` enables TransUNet's version (p=0.5 rot90 + flip,
+  else p=0.5 rotation by randint(-20, 20) degrees, order 0).
+* ``acdc`` (official trainer): p=0.5 rot90 + flip, p=0.3 rotation by randint(-30, 30) degrees (order 0,
+  same size), p=0.3 brightness/contrast, p=0.3 random crop, then nearest resize.
+* ``binary`` (our choice; the official code gives no recipe for the binary datasets): bilinear resize
+  first (the native images are up to 1920x1072), then p=0.5 horizontal flip, p=0.5 vertical flip,
+  rot90 by a uniform k (k in {0, 2} for non-square sizes), p=0.3 rotation by U(-15, 15) degrees (bilinear
+  image, nearest label, zero fill), p=0.3 brightness/contrast.
+* ``none``: bilinear image and nearest label resize only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+Pair = tuple[np.ndarray, np.ndarray]
+
+
+def resize(array: np.ndarray, size: tuple[int, int], order: int) -> np.ndarray:
+    """Resizes the two leading axes of (H, W) or (H, W, C) to ``size`` with spline ``order`` (0 = nearest)."""
+    from scipy import ndimage
+
+    height, width = int(size[0]), int(size[1])
+    if array.shape[:2] == (height, width):
+        return array
+    factors = (height / array.shape[0], width / array.shape[1]) + (1.0,) * (array.ndim - 2)
+    out = ndimage.zoom(array, factors, order=order)
+    if out.shape[:2] != (height, width):  # zoom rounds the output shape; never expected, checked anyway
+        raise RuntimeError(f"resize produced {out.shape[:2]}, wanted {(height, width)}")
+    return out
+
+
+def resize_pair(image: np.ndarray, label: np.ndarray, size: tuple[int, int], image_order: int) -> Pair:
+    """Resizes image (with ``image_order``) and label (nearest) to ``size``."""
+    return resize(image, size, image_order).astype(np.float32), resize(label, size, 0).astype(np.int32)
+
+
+def rot90_flip(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, *, square: bool = True) -> Pair:
+    """Rotation by k * 90 degrees then a flip along a random axis (TransUNet ``random_rot_flip``)."""
+    k = int(rng.integers(0, 4)) if square else 2 * int(rng.integers(0, 2))
+    axis = int(rng.integers(0, 2))
+    image, label = np.rot90(image, k, axes=(0, 1)), np.rot90(label, k, axes=(0, 1))
+    return np.flip(image, axis).copy(), np.flip(label, axis).copy()
+
+
+def rotate(image: np.ndarray, label: np.ndarray, angle: float, *, image_order: int) -> Pair:
+    """Rotation about the centre by ``angle`` degrees, same size, zero fill; label nearest."""
+    from scipy import ndimage
+
+    image = ndimage.rotate(image, angle, axes=(1, 0), order=image_order, reshape=False)
+    label = ndimage.rotate(label, angle, axes=(1, 0), order=0, reshape=False)
+    return image.astype(np.float32), label
+
+
+def brightness_contrast(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """x * (1 + U(-0.2, 0.2)), then (x - mean) * U(0.8, 1.2) + mean, clipped to [0, 1] ([0, 255] if max > 1)."""
+    high = 255.0 if image.max() > 1.0 else 1.0
+    image = image * (1.0 + rng.uniform(-0.2, 0.2))
+    mean = image.mean()
+    image = (image - mean) * rng.uniform(0.8, 1.2) + mean
+    return np.clip(image, 0.0, high).astype(np.float32)
+
+
+def random_crop(image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> Pair:
+    """Crop of ratio U(0.8, 1.2) (capped at the full size) at a random position, nearest-resized back."""
+    height, width = label.shape
+    ratio = min(rng.uniform(0.8, 1.2), 1.0)
+    crop_h, crop_w = max(1, int(height * ratio)), max(1, int(width * ratio))
+    top = int(rng.integers(0, height - crop_h + 1))
+    left = int(rng.integers(0, width - crop_w + 1))
+    image = image[top:top + crop_h, left:left + crop_w]
+    label = label[top:top + crop_h, left:left + crop_w]
+    return resize(image, (height, width), 0), resize(label, (height, width), 0)
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+def synapse_recipe(image, label, rng, *, size, rot_flip: bool = False) -> Pair:
+    """The official Synapse training augmentation (see the module docstring)."""
+    if rot_flip:
+        if rng.random() > 0.5:
+            image, label = rot90_flip(image, label, rng, square=image.shape[0] == image.shape[1])
+        elif rng.random() > 0.5:
+            image, label = rotate(image, label, int(rng.integers(-20, 21)), image_order=0)
+    if rng.random() < 0.1:
+        image = brightness_contrast(image, rng)
+    if rng.random() < 0.1:
+        image, label = random_crop(image, label, rng)
+    return resize_pair(image, label, size, image_order=0)
+
+
+def acdc_recipe(image, label, rng, *, size) -> Pair:
+    """The official ACDC training augmentation (see the module docstring)."""
+    if rng.random() < 0.5:
+        image, label = rot90_flip(image, label, rng, square=image.shape[0] == image.shape[1])
+    if rng.random() < 0.3:
+        image, label = rotate(image, label, int(rng.integers(-30, 31)), image_order=0)
+    if rng.random() < 0.3:
+        image = brightness_contrast(image, rng)
+    if rng.random() < 0.3:
+        image, label = random_crop(image, label, rng)
+    return resize_pair(image, label, size, image_order=0)
+
+
+def binary_recipe(image, label, rng, *, size) -> Pair:
+    """Our augmentation for the binary datasets (see the module docstring)."""
+    image, label = resize_pair(image, label, size, image_order=1)
+    if rng.random() < 0.5:
+        image, label = image[:, ::-1], label[:, ::-1]
+    if rng.random() < 0.5:
+        image, label = image[::-1], label[::-1]
+    k = int(rng.integers(0, 4)) if size[0] == size[1] else 2 * int(rng.integers(0, 2))
+    image, label = np.rot90(image, k, axes=(0, 1)), np.rot90(label, k, axes=(0, 1))
+    if rng.random() < 0.3:
+        image, label = rotate(image, label, float(rng.uniform(-15.0, 15.0)), image_order=1)
+    if rng.random() < 0.3:
+        image = brightness_contrast(image, rng)
+    return np.ascontiguousarray(image, np.float32), np.ascontiguousarray(label, np.int32)
+
+
+def no_recipe(image, label, rng, *, size) -> Pair:
+    """Resize only: bilinear image, nearest label."""
+    del rng
+    return resize_pair(image, label, size, image_order=1)
+
+
+RECIPES: dict[str, Callable[..., Pair]] = {
+    "synapse": synapse_recipe,
+    "acdc": acdc_recipe,
+    "binary": binary_recipe,
+    "none": no_recipe,
+}
+
+
+def augment(name: str, image: np.ndarray, label: np.ndarray, rng: np.random.Generator, *,
+            size: tuple[int, int], **options) -> Pair:
+    """Applies recipe ``name`` and returns (image (h, w, C) float32, label (h, w) int32) at ``size``."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown augmentation {name!r}; expected one of {tuple(RECIPES)}")
+    if image.ndim == 2:
+        image = image[..., None]
+    image, label = RECIPES[name](image, label, rng, size=tuple(size), **options)
+    return np.ascontiguousarray(image, np.float32), np.ascontiguousarray(label, np.int32)
