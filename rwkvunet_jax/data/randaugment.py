@@ -1,0 +1,282 @@
+"""ImageNet training augmentations on PIL images: RandAugment, colour jitter, random resized crop.
+
+Written from the published descriptions (Cubuk et al. 2020, "RandAugment"; the timm policy string
+``rand-m9-mstd0.5-inc1`` used by the official pretraining): each image gets ``num_ops`` operations
+drawn uniformly with replacement, each applied with probability ``prob``, at a magnitude drawn per
+operation from ``N(magnitude, magnitude_std)`` clipped to ``[0, 10]``. ``inc1`` selects the
+"increasing" operation set, where a larger magnitude always means a stronger distortion.
+
+Every random choice comes from the ``numpy.random.Generator`` passed in, so a grain ``random_map``
+seed makes the whole pipeline reproducible and resumable. Pillow is imported lazily.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+MAX_LEVEL = 10.0
+# Mean ImageNet pixel: what geometric ops paint into the area they uncover.
+FILL = (124, 116, 104)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Strongest setting of each operation (reached at level 10).
+MAX_ROTATE_DEGREES = 30.0
+MAX_SHEAR = 0.3
+MAX_TRANSLATE_FRACTION = 0.45
+MAX_ENHANCE_DELTA = 0.9
+MAX_SOLARIZE_ADD = 110
+
+
+def _pil():
+    from PIL import Image, ImageEnhance, ImageOps
+
+    return Image, ImageEnhance, ImageOps
+
+
+def _resample(rng: np.random.Generator):
+    Image, _, _ = _pil()
+    return (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC)[int(rng.integers(2))]
+
+
+def _signed(value: float, rng: np.random.Generator) -> float:
+    return -value if rng.random() < 0.5 else value
+
+
+def _affine(img, matrix: Sequence[float], rng: np.random.Generator):
+    Image, _, _ = _pil()
+    return img.transform(img.size, Image.Transform.AFFINE, tuple(matrix), resample=_resample(rng),
+                         fillcolor=_fill(img))
+
+
+def _fill(img):
+    return FILL if img.mode == "RGB" else FILL[0]
+
+
+# ----------------------------------------------------------------------------- operations
+# Each takes (PIL image, level in [0, 10], rng) and returns a PIL image.
+
+
+def auto_contrast(img, level, rng):
+    return _pil()[2].autocontrast(img)
+
+
+def equalize(img, level, rng):
+    return _pil()[2].equalize(img)
+
+
+def invert(img, level, rng):
+    return _pil()[2].invert(img)
+
+
+def rotate(img, level, rng):
+    degrees = _signed(level / MAX_LEVEL * MAX_ROTATE_DEGREES, rng)
+    return img.rotate(degrees, resample=_resample(rng), fillcolor=_fill(img))
+
+
+def posterize_increasing(img, level, rng):
+    bits = 4 - int(level / MAX_LEVEL * 4)
+    return img if bits >= 8 else _pil()[2].posterize(img, max(bits, 0))
+
+
+def solarize_increasing(img, level, rng):
+    threshold = 256 - int(level / MAX_LEVEL * 256)
+    return _pil()[2].solarize(img, threshold)
+
+
+def solarize_add(img, level, rng, threshold: int = 128):
+    add = int(level / MAX_LEVEL * MAX_SOLARIZE_ADD)
+    lut = [min(255, i + add) if i < threshold else i for i in range(256)]
+    if img.mode == "RGB":
+        lut = lut * 3
+    return img.point(lut)
+
+
+def _enhancer(name: str) -> Callable:
+    def op(img, level, rng):
+        factor = 1.0 + _signed(level / MAX_LEVEL * MAX_ENHANCE_DELTA, rng)
+        return getattr(_pil()[1], name)(img).enhance(factor)
+
+    op.__name__ = f"{name.lower()}_increasing"
+    return op
+
+
+color_increasing = _enhancer("Color")
+contrast_increasing = _enhancer("Contrast")
+brightness_increasing = _enhancer("Brightness")
+sharpness_increasing = _enhancer("Sharpness")
+
+
+def shear_x(img, level, rng):
+    shear = _signed(level / MAX_LEVEL * MAX_SHEAR, rng)
+    return _affine(img, (1, shear, 0, 0, 1, 0), rng)
+
+
+def shear_y(img, level, rng):
+    shear = _signed(level / MAX_LEVEL * MAX_SHEAR, rng)
+    return _affine(img, (1, 0, 0, shear, 1, 0), rng)
+
+
+def translate_x_rel(img, level, rng):
+    pixels = _signed(level / MAX_LEVEL * MAX_TRANSLATE_FRACTION, rng) * img.size[0]
+    return _affine(img, (1, 0, pixels, 0, 1, 0), rng)
+
+
+def translate_y_rel(img, level, rng):
+    pixels = _signed(level / MAX_LEVEL * MAX_TRANSLATE_FRACTION, rng) * img.size[1]
+    return _affine(img, (1, 0, 0, 0, 1, pixels), rng)
+
+
+INCREASING_OPS: dict[str, Callable] = {
+    "AutoContrast": auto_contrast,
+    "Equalize": equalize,
+    "Invert": invert,
+    "Rotate": rotate,
+    "PosterizeIncreasing": posterize_increasing,
+    "SolarizeIncreasing": solarize_increasing,
+    "SolarizeAdd": solarize_add,
+    "ColorIncreasing": color_increasing,
+    "ContrastIncreasing": contrast_increasing,
+    "BrightnessIncreasing": brightness_increasing,
+    "SharpnessIncreasing": sharpness_increasing,
+    "ShearX": shear_x,
+    "ShearY": shear_y,
+    "TranslateXRel": translate_x_rel,
+    "TranslateYRel": translate_y_rel,
+}
+
+
+# ----------------------------------------------------------------------------- RandAugment
+
+
+@dataclass(frozen=True)
+class RandAugmentPolicy:
+    """Parsed ``rand-m<M>-n<N>-mstd<S>-p<P>-inc<0|1>`` policy (timm's naming)."""
+
+    magnitude: float = 9.0
+    num_ops: int = 2
+    magnitude_std: float = 0.5
+    prob: float = 0.5
+    increasing: bool = True
+
+    @classmethod
+    def parse(cls, policy: str) -> RandAugmentPolicy:
+        parts = policy.split("-")
+        if not parts or parts[0] != "rand":
+            raise ValueError(f"RandAugment policy must start with 'rand', got {policy!r}")
+        values: dict[str, Any] = {}
+        for part in parts[1:]:
+            match = re.fullmatch(r"(mstd|inc|m|n|p)([0-9.]+)", part)
+            if not match:
+                raise ValueError(f"unknown RandAugment policy field {part!r} in {policy!r}")
+            key, value = match.groups()
+            if key == "m":
+                values["magnitude"] = float(value)
+            elif key == "n":
+                values["num_ops"] = int(value)
+            elif key == "mstd":
+                values["magnitude_std"] = float(value)
+            elif key == "p":
+                values["prob"] = float(value)
+            else:
+                values["increasing"] = bool(int(value))
+        if not values.get("increasing", True):
+            raise ValueError(f"only the increasing operation set (inc1) is implemented, got {policy!r}")
+        return cls(**values)
+
+
+def rand_augment(img, rng: np.random.Generator, policy: RandAugmentPolicy = RandAugmentPolicy()):
+    """Applies ``policy.num_ops`` random operations of :data:`INCREASING_OPS` to a PIL image."""
+    names = list(INCREASING_OPS)
+    for index in rng.integers(len(names), size=policy.num_ops):
+        if rng.random() >= policy.prob:
+            continue
+        level = policy.magnitude
+        if policy.magnitude_std > 0:
+            level = float(np.clip(rng.normal(policy.magnitude, policy.magnitude_std), 0.0, MAX_LEVEL))
+        img = INCREASING_OPS[names[int(index)]](img, level, rng)
+    return img
+
+
+# ----------------------------------------------------------------------------- colour jitter
+
+
+def color_jitter(img, rng: np.random.Generator, strength: float = 0.4):
+    """Brightness, contrast and saturation each scaled by U(1 - s, 1 + s), in a random order."""
+    _, ImageEnhance, _ = _pil()
+    enhancers = [ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color]
+    for index in rng.permutation(len(enhancers)):
+        factor = rng.uniform(max(0.0, 1.0 - strength), 1.0 + strength)
+        img = enhancers[int(index)](img).enhance(factor)
+    return img
+
+
+# ----------------------------------------------------------------------------- crops and resizes
+
+
+def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
+                            scale: Sequence[float] = (0.08, 1.0),
+                            ratio: Sequence[float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """``(left, top, crop_width, crop_height)`` covering a random area fraction in ``scale`` with an
+    aspect ratio log-uniform in ``ratio``; after 10 failed draws, the largest central crop whose aspect
+    ratio lies in ``ratio``."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            left = int(rng.integers(0, width - w + 1))
+            top = int(rng.integers(0, height - h + 1))
+            return left, top, w, h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def random_resized_crop(img, size: int, rng: np.random.Generator, *, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                        interpolation: str = "random"):
+    """Crops a random box (:func:`random_resized_crop_box`) and resizes it to ``size`` x ``size``."""
+    left, top, w, h = random_resized_crop_box(img.size[0], img.size[1], rng, scale, ratio)
+    resample = _resample(rng) if interpolation == "random" else resample_filter(interpolation)
+    return img.resize((size, size), resample=resample, box=(left, top, left + w, top + h))
+
+
+def resample_filter(name: str):
+    """The PIL resampling filter called ``name`` (nearest, bilinear, bicubic, lanczos)."""
+    Image, _, _ = _pil()
+    filters = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+               "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
+    if name not in filters:
+        raise ValueError(f"unknown interpolation {name!r}; choose one of {sorted(filters)} or 'random'")
+    return filters[name]
+
+
+def resize_shorter_and_center_crop(img, size: int, *, crop_pct: float = 0.875, interpolation: str = "bicubic"):
+    """Evaluation view: shorter side to ``int(size / crop_pct)`` (256 for 224), then the central
+    ``size`` x ``size`` crop."""
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct must lie in (0, 1], got {crop_pct}")
+    short = int(math.floor(size / crop_pct))
+    width, height = img.size
+    if width <= height:
+        new_w, new_h = short, int(short * height / width)
+    else:
+        new_w, new_h = int(short * width / height), short
+    img = img.resize((new_w, new_h), resample=resample_filter(interpolation))
+    left = int(round((new_w - size) / 2.0))
+    top = int(round((new_h - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
