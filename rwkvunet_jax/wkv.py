@@ -1,0 +1,363 @@
+"""The bidirectional WKV operator of Vision-RWKV / RWKV-UNet, in two variants and three implementations.
+
+Per batch element and channel, with T tokens, decay ``w`` and bonus ``u`` (the model passes
+``spatial_decay / T`` and ``spatial_first / T``), keys ``k`` and values ``v``, both variants compute a
+weighted mean of the values::
+
+    y_t = sum_m W[t, m] v_m / (sum_m W[t, m] + eps_t),    W[t, m] = e^{k_m} f(t, m).
+
+``variant="paper"`` is the Vision-RWKV formula, no epsilon::
+
+    f(t, m) = e^{-(|t-m| - 1) w}  for m != t,    f(t, t) = e^{u}.
+
+``variant="official"`` is what the shipped CUDA kernel of the official code really computes (fact sheet 2.2).
+The T tokens are cut into chunks of n = ceil(T / 32) tokens and the kernel's forward scan restarts at each
+chunk start s = n * floor(t / n)::
+
+    m < s      (earlier chunks)          e^{-w (t-m)}
+    m = s < t  (chunk start, past)       e^{-w (t-m-1)}
+    s < m < t  (same chunk, past)        e^{-w (t-m-1)} + (1 - e^{w}) e^{w (t-m)}
+    m = t                                e^{u} + [t > s] (1 - e^{w})
+    m > t      (future, any chunk)       e^{-w (m-t)}
+
+and eps_t = EPS * e^{o_t} with EPS = 1e-6, o_t being the largest exponent among
+``{k_m - w(t-m): m < s} | {k_m - w(t-m-1): s <= m < t} | {k_m + w(t-m): s < m < t} | {u + k_t} |
+{k_t if t > s} | {k_m - w(m-t): m > t}`` (the coefficients 1 - e^{w} stay outside the exponents).
+
+The variants differ: by about w * e^{k} relative for small per-token decays (1e-3 for |decay| ~ 1 at 784
+tokens), but by several percent at the WKV output when |w| per token is not small (short sequences, large
+learned decays). ``official`` is the models' default because the official weights were trained with it.
+
+Implementations (``impl``):
+
+* ``"naive"``: the dense O(T^2) definitions above, evaluated in float32 (float64 for float64 inputs with
+  x64 enabled) in blocks of channels and query rows so that moderate T (<= ~1024) fits in memory. The
+  reference the other implementations are tested against.
+* ``"scan"``: linear in T in time and memory (forward and backward, by autodiff through ``lax.scan``), any
+  backend, no cap on T. Every partial sum is kept as (running max exponent, scaled numerator, scaled
+  denominator) so that |k| up to ~80 and negative w neither overflow nor underflow in float32. Official: a
+  forward scan carries the global exclusive prefix P, the within-chunk past sum (P at the chunk start, then
+  decayed with the paper's |t-m|-1 rule) and the within-chunk residual S; a reverse scan carries the global
+  exclusive suffix F. Because 1 - e^{w} may be negative, the terms are combined only after the scans.
+* ``"pallas"``: the Pallas kernel ``rwkvunet_jax.kernels.bi_wkv.bi_wkv_pallas`` (compiled on GPU, interpret
+  mode elsewhere unless ``interpret`` says otherwise).
+* ``"auto"``: ``"pallas"`` when the default backend is a GPU and the kernel imports, else ``"scan"``.
+
+Gradients: the largest exponent o_t only sets the scale of EPS, and it is held constant for differentiation
+(``stop_gradient``) in every implementation, so gradients agree across implementations.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+__all__ = ["EPS", "IMPLS", "VARIANTS", "NUM_CHUNKS", "bi_wkv", "chunk_length", "resolve_impl"]
+
+EPS = 1e-6
+NUM_CHUNKS = 32  # the official kernel splits the tokens into 32 chunks of ceil(T / 32)
+IMPLS = ("auto", "naive", "scan", "pallas")
+VARIANTS = ("official", "paper")
+_PALLAS_MODULE = "rwkvunet_jax.kernels.bi_wkv"
+# Stands for log(0) in running maxima. Finite (unlike -inf) so that max/subtract never makes inf - inf.
+_EMPTY = -1e30
+# Elements of one (B, query rows, T, channels) block of the dense evaluation (float32: 64 MiB per temporary).
+_NAIVE_BLOCK_ELEMENTS = 1 << 24
+
+
+def chunk_length(num_tokens: int) -> int:
+    """Tokens per chunk of the official kernel, n = ceil(T / 32)."""
+    return -(-num_tokens // NUM_CHUNKS)
+
+
+def resolve_impl(impl: str = "auto") -> str:
+    """Return the implementation ``bi_wkv`` runs for ``impl``: ``"auto"`` becomes ``"pallas"`` or ``"scan"``."""
+    if impl not in IMPLS:
+        raise ValueError(f"bi_wkv: unknown impl {impl!r}; expected one of {IMPLS}")
+    if impl != "auto":
+        return impl
+    if jax.default_backend() == "gpu" and _pallas_importable():
+        return "pallas"
+    return "scan"
+
+
+def bi_wkv(
+    w: jax.Array,
+    u: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    impl: str = "auto",
+    variant: str = "official",
+    interpret: bool | None = None,
+) -> jax.Array:
+    """Bidirectional WKV of keys ``k`` and values ``v`` (B, T, C) with per-channel decay ``w`` and bonus ``u`` (C,).
+
+    Returns (B, T, C) in ``k``'s dtype; the arithmetic is float32 (float64 for float64 inputs). ``impl`` is
+    one of ``"auto" | "naive" | "scan" | "pallas"`` and ``variant`` one of ``"official" | "paper"`` (see the
+    module docstring for the exact formulas). ``interpret`` is passed to the Pallas kernel when it runs
+    (``None``: compiled on GPU, interpret mode elsewhere); the other implementations do not accept it.
+    """
+    w, u, k, v = _validate(w, u, k, v, impl, variant)
+    chosen = resolve_impl(impl)
+    if chosen == "pallas":
+        kernel = _load_pallas()
+        return kernel(w, u, k, v, variant=variant, interpret=interpret).astype(k.dtype)
+    if interpret is not None and impl != "auto":
+        raise ValueError(f"bi_wkv: interpret={interpret!r} only applies to impl='pallas', got impl={impl!r}")
+    compute = _compute_dtype(w, u, k, v)
+    if chosen == "naive":
+        return _naive(w, u, k, v, variant=variant, compute_dtype=compute)
+    return _scan(w, u, k, v, variant=variant, compute_dtype=compute)
+
+
+# --------------------------------------------------------------------------------------------------- checks
+
+
+def _validate(w: Any, u: Any, k: Any, v: Any, impl: str, variant: str) -> tuple[jax.Array, ...]:
+    if impl not in IMPLS:
+        raise ValueError(f"bi_wkv: unknown impl {impl!r}; expected one of {IMPLS}")
+    if variant not in VARIANTS:
+        raise ValueError(f"bi_wkv: unknown variant {variant!r}; expected one of {VARIANTS}")
+    w, u, k, v = (x if isinstance(x, jax.Array) else jnp.asarray(x) for x in (w, u, k, v))
+    expect = "expected k, v of shape (B, T, C) and w, u of shape (C,)"
+    if k.ndim != 3 or v.ndim != 3:
+        raise ValueError(f"bi_wkv: {expect}; got k {k.shape}, v {v.shape}")
+    if k.shape != v.shape:
+        raise ValueError(f"bi_wkv: k and v must have the same shape (B, T, C); got k {k.shape}, v {v.shape}")
+    channels = k.shape[2]
+    if w.shape != (channels,) or u.shape != (channels,):
+        raise ValueError(f"bi_wkv: {expect} with C = {channels} from k; got w {w.shape}, u {u.shape}")
+    if k.shape[1] == 0:
+        raise ValueError(f"bi_wkv: needs at least one token (T >= 1); got k {k.shape}")
+    for name, x in (("w", w), ("u", u), ("k", k), ("v", v)):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"bi_wkv: {name} must have a floating dtype; got {x.dtype}")
+    if k.dtype != v.dtype:
+        raise ValueError(f"bi_wkv: k and v must have the same dtype; got k {k.dtype}, v {v.dtype}")
+    return w, u, k, v
+
+
+def _compute_dtype(*xs: jax.Array) -> jnp.dtype:
+    # float32 at least (bfloat16/float16 accumulate in float32); float64 only when an input is float64.
+    return jnp.promote_types(jnp.float32, jnp.result_type(*(x.dtype for x in xs)))
+
+
+def _pallas_importable() -> bool:
+    try:
+        importlib.import_module(_PALLAS_MODULE)
+    except ImportError:
+        return False
+    return True
+
+
+def _load_pallas() -> Callable[..., jax.Array]:
+    try:
+        module = importlib.import_module(_PALLAS_MODULE)
+    except ImportError as err:
+        raise ImportError(
+            f"bi_wkv(impl='pallas') needs the Pallas kernel module {_PALLAS_MODULE} (kernels/bi_wkv.py), "
+            f"which failed to import: {err}. Use impl='scan' (any backend) or impl='auto'."
+        ) from err
+    return module.bi_wkv_pallas
+
+
+# ---------------------------------------------------------------------------------------------- naive O(T^2)
+
+
+def _exponents(
+    w: jax.Array, u: jax.Array, k: jax.Array, t: jax.Array, variant: str
+) -> tuple[jax.Array, jax.Array | None]:
+    """Exponents of W[t, m] for query rows ``t`` (Tq,) and all keys, shaped (B, Tq, T, C).
+
+    Returns (main, residual): W = e^{main} + (1 - e^{w}) e^{residual}, residual = -inf where absent.
+    """
+    num_tokens = k.shape[1]
+    m = jnp.arange(num_tokens)[None, :]
+    t = t[:, None]
+    d = t - m
+    if variant == "paper":
+        decays = jnp.where(m == t, 0, jnp.abs(d) - 1)
+    else:
+        start = chunk_length(num_tokens) * (t // chunk_length(num_tokens))
+        decays = jnp.where(m < start, d, jnp.where(m < t, d - 1, -d))
+    main = k[:, None, :, :] - w * decays[None, :, :, None].astype(k.dtype)
+    main = main + jnp.where((m == t)[None, :, :, None], u, 0.0)
+    if variant == "paper":
+        return main, None
+    # The residual covers s < m < t and, for t > s, the token itself (there d = 0, so e^{k_t} as the table says).
+    in_residual = ((m > start) & (m <= t))[None, :, :, None]
+    residual = jnp.where(in_residual, k[:, None, :, :] + w * d[None, :, :, None].astype(k.dtype), -jnp.inf)
+    return main, residual
+
+
+def _naive_rows(w: jax.Array, u: jax.Array, k: jax.Array, v: jax.Array, t: jax.Array, variant: str) -> jax.Array:
+    main, residual = _exponents(w, u, k, t, variant)
+    top = jnp.max(main, axis=2, keepdims=True)
+    if residual is not None:
+        top = jnp.maximum(top, jnp.max(residual, axis=2, keepdims=True))
+    top = lax.stop_gradient(top)
+    weights = jnp.exp(main - top)
+    eps = 0.0
+    if residual is not None:
+        weights = weights + (1.0 - jnp.exp(w)) * jnp.exp(residual - top)
+        eps = EPS
+    num = jnp.einsum("btmc,bmc->btc", weights, v)
+    den = jnp.sum(weights, axis=2) + eps
+    return num / den
+
+
+def _naive_impl(
+    w, u, k, v, *, variant: str, compute_dtype: jnp.dtype, block_elements: int = _NAIVE_BLOCK_ELEMENTS
+) -> jax.Array:
+    batch, num_tokens, channels = k.shape
+    out_dtype = k.dtype
+    w, u, k, v = (x.astype(compute_dtype) for x in (w, u, k, v))
+    # Block sizes: whole rows for as many channels as fit, else one channel and as many query rows as fit.
+    row_elements = batch * num_tokens * num_tokens
+    if row_elements <= block_elements:
+        rows, group = num_tokens, min(channels, block_elements // row_elements)
+    else:
+        rows, group = max(1, block_elements // (batch * num_tokens)), 1
+    num_groups, num_row_blocks = -(-channels // group), -(-num_tokens // rows)
+    pad_c = num_groups * group - channels
+    # Padding channels get w = u = k = v = 0 (finite) and are dropped at the end.
+    w, u = (jnp.pad(x, (0, pad_c)).reshape(num_groups, group) for x in (w, u))
+    k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, pad_c))).reshape(batch, num_tokens, num_groups, group) for x in (k, v))
+    k, v = (jnp.moveaxis(x, 2, 0) for x in (k, v))
+    # Padding query rows repeat the last token; their results are dropped.
+    query = jnp.minimum(jnp.arange(num_row_blocks * rows), num_tokens - 1).reshape(num_row_blocks, rows)
+
+    # Checkpointed so that the backward pass recomputes each block instead of storing all (B, T, T, C).
+    @jax.checkpoint
+    def block(args):
+        wg, ug, kg, vg = args
+        return lax.map(lambda t: _naive_rows(wg, ug, kg, vg, t, variant), query)
+
+    y = lax.map(block, (w, u, k, v))  # (groups, row blocks, B, rows, group)
+    y = jnp.transpose(y, (2, 1, 3, 0, 4)).reshape(batch, num_row_blocks * rows, num_groups * group)
+    return y[:, :num_tokens, :channels].astype(out_dtype)
+
+
+_naive = jax.jit(_naive_impl, static_argnames=("variant", "compute_dtype", "block_elements"))
+
+
+# ------------------------------------------------------------------------------------------------ scan O(T)
+# A partial sum sum_j c_j e^{x_j} (c = v for the numerator, 1 for the denominator) whose terms all decay by
+# e^{rate} per token is held as (top, age, a, b): numerator a * e^{ref}, denominator b * e^{ref}, with the
+# reference exponent ref = top + rate * age. ``top`` is the largest exponent at the time it was absorbed and
+# ``age`` counts the tokens since, so ref is the running maximum and a, b stay in [0, #terms]. Recomputing ref
+# from (top, age) instead of adding the rate once per token keeps float32 rounding from piling up over long
+# sequences. Any reference gives the same sum, so ``top`` is held under stop_gradient and the rate's gradient
+# flows through rate * age.
+
+
+def _empty(like: jax.Array) -> tuple[jax.Array, ...]:
+    return jnp.full_like(like, _EMPTY), jnp.zeros_like(like), jnp.zeros_like(like), jnp.zeros_like(like)
+
+
+def _ref(acc, rate):
+    top, age, _, _ = acc
+    return top + rate * age
+
+
+def _absorb(acc, rate, x, v, present=None):
+    """Add the term e^{x} (numerator v e^{x}); ``present`` (bool) masks the term out where False."""
+    top, age, a, b = acc
+    if present is not None:
+        x = jnp.where(present, x, _EMPTY)
+    ref = _ref(acc, rate)
+    renew = lax.stop_gradient(x > ref)
+    new_ref = jnp.where(renew, lax.stop_gradient(x), ref)
+    old, new = jnp.exp(ref - new_ref), jnp.exp(x - new_ref)
+    if present is not None:
+        new = jnp.where(present, new, 0.0)
+    top = jnp.where(renew, lax.stop_gradient(x), top)
+    age = jnp.where(renew, 0.0, age)
+    return top, age, a * old + v * new, b * old + new
+
+
+def _decay(acc):
+    """Multiply the sum by e^{rate} (one token later)."""
+    top, age, a, b = acc
+    return top, age + 1.0, a, b
+
+
+def _select(flag, acc_true, acc_false):
+    return tuple(jnp.where(flag, x, y) for x, y in zip(acc_true, acc_false))
+
+
+def _scan_impl(w, u, k, v, *, variant: str, compute_dtype: jnp.dtype) -> jax.Array:
+    out_dtype = k.dtype
+    num_tokens = k.shape[1]
+    w, u = w.astype(compute_dtype), u.astype(compute_dtype)
+    # Time-major (T, B, C) for lax.scan.
+    k, v = (jnp.swapaxes(x.astype(compute_dtype), 0, 1) for x in (k, v))
+    zero = jnp.zeros_like(k[0])
+
+    def suffix_step(suffix, kv):
+        # Official F_{t-1} = e^{-w}(F_t + e^{k_t}); paper B_{t-1} = e^{-w} B_t + e^{k_t}.
+        k_t, v_t = kv
+        if variant == "official":
+            new = _decay(_absorb(suffix, -w, k_t, v_t))
+        else:
+            new = _absorb(_decay(suffix), -w, k_t, v_t)
+        return new, suffix
+
+    _, future = lax.scan(suffix_step, _empty(zero), (k, v), reverse=True)
+
+    if variant == "paper":
+
+        def past_step(past, kv):
+            k_t, v_t = kv
+            return _absorb(_decay(past), -w, k_t, v_t), past
+
+        _, past = lax.scan(past_step, _empty(zero), (k, v))
+        terms = [(1.0, _ref(past, -w), past), (1.0, _ref(future, -w), future)]
+        top = jnp.maximum(jnp.maximum(terms[0][1], terms[1][1]), u + k)
+        self_den = None
+        eps = 0.0
+    else:
+        chunk = chunk_length(num_tokens)
+        later = (jnp.arange(num_tokens) % chunk) != 0  # t > s, i.e. not the first token of its chunk
+
+        def official_step(carry, xs):
+            prefix, past, residual = carry
+            k_t, v_t, later_t = xs
+            # At a chunk start the within-chunk sums restart: past from the global prefix, residual empty.
+            past = _select(later_t, past, prefix)
+            residual = _select(later_t, residual, _empty(zero))
+            out = (past, residual)
+            prefix = _decay(_absorb(prefix, -w, k_t, v_t))  # P_{t+1} = e^{-w}(P_t + e^{k_t})
+            past = _absorb(_decay(past), -w, k_t, v_t)  # e^{-w} (earlier chunks + Q_t) + e^{k_t}
+            residual = _decay(_absorb(residual, w, k_t, v_t, present=later_t))  # S_{t+1} = e^{w}(S_t + [t>s]e^{k_t})
+            return (prefix, past, residual), out
+
+        _, (past, residual) = lax.scan(official_step, (_empty(zero),) * 3, (k, v, later))
+        leak = 1.0 - jnp.exp(w)  # may be negative: the reason the terms are combined only here
+        terms = [(1.0, _ref(past, -w), past), (leak, _ref(residual, w), residual), (1.0, _ref(future, -w), future)]
+        # Largest exponent o_t of the table (module docstring); only the scale of EPS depends on it.
+        # The CUDA kernel's own running maximum differs slightly, so its EPS term differs by ~1e-6 relative.
+        self_k = jnp.where(later[:, None, None], k, _EMPTY)
+        top = jnp.maximum(jnp.maximum(terms[0][1], terms[1][1]), jnp.maximum(terms[2][1], u + k))
+        top = jnp.maximum(top, self_k)
+        eps = EPS
+
+    top = lax.stop_gradient(top)
+    self_den = jnp.exp(u + k - top)
+    if variant == "official":
+        self_den = self_den + leak * jnp.exp(self_k - top)  # e^{k_t} only when t > s
+    num = v * self_den
+    den = self_den + eps
+    for coef, ref, (_, _, a, b) in terms:
+        scale = coef * jnp.exp(ref - top)
+        num = num + a * scale
+        den = den + b * scale
+    return jnp.swapaxes(num / den, 0, 1).astype(out_dtype)
+
+
+_scan = jax.jit(_scan_impl, static_argnames=("variant", "compute_dtype"))
