@@ -147,7 +147,6 @@ def test_resume_from_state_gives_the_same_next_batches(phantom_root):
     assert_same_batches(take(fresh, 4), expected)
 
 
-@pytest.mark.slow
 def test_resume_with_worker_processes(phantom_root):
     src = get_source("phantom", phantom_root, "train")
     kwargs = dict(augment="acdc", image_size=(32, 32), batch_size=4, seed=8)

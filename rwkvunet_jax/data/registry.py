@@ -33,7 +33,9 @@ INFO: dict[str, DatasetInfo] = {
     "isic2017": _BINARY,
     "glas": _BINARY,
     # num_classes and image_size are the writer's defaults; pass root= to read a dataset's own values.
-    "phantom": DatasetInfo(5, 1, (64, 64), "synapse", ("train", "val", "test"), ("val", "test")),
+    # Phantom organs have no preferred orientation, so the ACDC recipe's rotations and flips are safe and
+    # stretch the small training set.
+    "phantom": DatasetInfo(5, 1, (64, 64), "acdc", ("train", "val", "test"), ("val", "test")),
     "folder": _BINARY,  # generic images/ + masks/ layout
 }
 DATASETS: tuple[str, ...] = ("synapse", "acdc", "busi", "cvc_clinicdb", "cvc_colondb", "kvasir_seg", "isic2017",
