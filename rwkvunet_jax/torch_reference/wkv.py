@@ -29,7 +29,8 @@ model passes ``spatial_decay / T`` and ``spatial_first / T``):
   {k_m + w(t-m): s < m < t}, {u + k_t}, {k_t if t > s} and {k_m - w(m-t): m > t}.
 
 The fast version is exact for any shift, so it stays accurate while |spatial_decay| plus the
-spread of k is below ~600 (float64 range); the dense one has no such limit.
+spread of k is below ~600 (float64 range); the dense one has no such limit. Gradients: o_t only
+sets the scale of the epsilon and is held constant (detached), as in :mod:`rwkvunet_jax.wkv`.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def _dense_official(w, u, k, v):
     e_main = torch.where(diag, uu + kt, e_main)
     e_resid = torch.where(in_chunk, kk + wc * dist, torch.full_like(e_main, _NEG))
     e_diag_resid = torch.where(diag & (t_idx > s_idx), kt.expand_as(e_main), torch.full_like(e_main, _NEG))
-    o = torch.maximum(torch.maximum(e_main, e_resid), e_diag_resid).amax(dim=-1, keepdim=True)
+    o = torch.maximum(torch.maximum(e_main, e_resid), e_diag_resid).amax(dim=-1, keepdim=True).detach()
 
     one_minus_ew = (1.0 - torch.exp(w))[:, None, None]
     weights = (
@@ -161,7 +162,7 @@ def _weighted_sums(exponent: torch.Tensor, v: torch.Tensor, dim: int, *, reverse
     ``shift`` is the maximum of ``exponent`` along ``dim`` (per chunk when ``dim`` is the axis inside
     chunks), so the scaled terms never overflow.
     """
-    shift = exponent.amax(dim=dim, keepdim=True)
+    shift = exponent.amax(dim=dim, keepdim=True).detach()
     scaled = torch.exp(exponent - shift)
     den = _exclusive_cumsum(scaled, dim, reverse)
     num = _exclusive_cumsum(scaled * v, dim, reverse)
@@ -178,7 +179,7 @@ def _fast_paper(w, u, k, v):
     o = torch.maximum(
         u + k,
         torch.maximum(_exclusive_cummax(a_past, 1) + off_past, _exclusive_cummax(a_future, 1, reverse=True) + off_future),
-    )
+    ).detach()
     d_p, n_p, sh_p = _weighted_sums(a_past, v, 1)
     d_f, n_f, sh_f = _weighted_sums(a_future, v, 1, reverse=True)
     c_p = torch.exp(sh_p + off_past - o)
@@ -219,7 +220,7 @@ def _fast_official(w, u, k, v):
     # Earlier chunks: per-chunk totals, then an exclusive sum over chunks.
     a_glob_c = chunked(a_glob, _NEG)
     v_c = chunked(v, 0.0)
-    sh_g = a_glob_c.amax(dim=(1, 2), keepdim=True)
+    sh_g = a_glob_c.amax(dim=(1, 2), keepdim=True).detach()
     sc_g = torch.exp(a_glob_c - sh_g)
     d_g = _exclusive_cumsum(sc_g.sum(2, keepdim=True), 1).expand(b, num_chunks, n, c)
     n_g = _exclusive_cumsum((sc_g * v_c).sum(2, keepdim=True), 1).expand(b, num_chunks, n, c)
@@ -252,7 +253,7 @@ def _fast_official(w, u, k, v):
             torch.where(after_start.bool(), k, torch.full_like(k, _NEG)),
             max_f + off_fut,
         ]
-    ).amax(0)
+    ).amax(0).detach()
 
     c_g = torch.exp(sh_g + off_glob - o)
     c_l = torch.exp(sh_l + off_loc - o)
