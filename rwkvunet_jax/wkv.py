@@ -49,6 +49,7 @@ Gradients: the largest exponent o_t only sets the scale of EPS, and it is held c
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Any, Callable
 
@@ -100,7 +101,8 @@ def bi_wkv(
     Returns (B, T, C) in ``k``'s dtype; the arithmetic is float32 (float64 for float64 inputs). ``impl`` is
     one of ``"auto" | "naive" | "scan" | "pallas"`` and ``variant`` one of ``"official" | "paper"`` (see the
     module docstring for the exact formulas). ``interpret`` is passed to the Pallas kernel when it runs
-    (``None``: compiled on GPU, interpret mode elsewhere); the other implementations do not accept it.
+    (``None``: compiled on GPU, interpret mode elsewhere); ``impl="naive"`` and ``"scan"`` reject it, and
+    ``"auto"`` ignores it when it picks the scan.
     """
     w, u, k, v = _validate(w, u, k, v, impl, variant)
     chosen = resolve_impl(impl)
@@ -233,10 +235,11 @@ def _naive_impl(
     query = jnp.minimum(jnp.arange(num_row_blocks * rows), num_tokens - 1).reshape(num_row_blocks, rows)
 
     # Checkpointed so that the backward pass recomputes each block instead of storing all (B, T, T, C).
-    @jax.checkpoint
+    rows_of = jax.checkpoint(functools.partial(_naive_rows, variant=variant))
+
     def block(args):
         wg, ug, kg, vg = args
-        return lax.map(lambda t: _naive_rows(wg, ug, kg, vg, t, variant), query)
+        return lax.map(lambda t: rows_of(wg, ug, kg, vg, t), query)
 
     y = lax.map(block, (w, u, k, v))  # (groups, row blocks, B, rows, group)
     y = jnp.transpose(y, (2, 1, 3, 0, 4)).reshape(batch, num_row_blocks * rows, num_groups * group)
@@ -250,7 +253,8 @@ _naive = jax.jit(_naive_impl, static_argnames=("variant", "compute_dtype", "bloc
 # A partial sum sum_j c_j e^{x_j} (c = v for the numerator, 1 for the denominator) whose terms all decay by
 # e^{rate} per token is held as (top, age, a, b): numerator a * e^{ref}, denominator b * e^{ref}, with the
 # reference exponent ref = top + rate * age. ``top`` is the largest exponent at the time it was absorbed and
-# ``age`` counts the tokens since, so ref is the running maximum and a, b stay in [0, #terms]. Recomputing ref
+# ``age`` counts the tokens since, so ref is the running maximum, every term is at most e^{ref} and
+# 0 <= b <= #terms, |a| <= #terms * max|v|: nothing overflows for any k or w. Recomputing ref
 # from (top, age) instead of adding the rate once per token keeps float32 rounding from piling up over long
 # sequences. Any reference gives the same sum, so ``top`` is held under stop_gradient and the rate's gradient
 # flows through rate * age.
@@ -291,6 +295,12 @@ def _select(flag, acc_true, acc_false):
     return tuple(jnp.where(flag, x, y) for x, y in zip(acc_true, acc_false))
 
 
+def _emit(acc, rate):
+    """What a scan step outputs about a sum: (ref, a, b), one array fewer than the carry."""
+    _, _, a, b = acc
+    return _ref(acc, rate), a, b
+
+
 def _scan_impl(w, u, k, v, *, variant: str, compute_dtype: jnp.dtype) -> jax.Array:
     out_dtype = k.dtype
     num_tokens = k.shape[1]
@@ -306,7 +316,7 @@ def _scan_impl(w, u, k, v, *, variant: str, compute_dtype: jnp.dtype) -> jax.Arr
             new = _decay(_absorb(suffix, -w, k_t, v_t))
         else:
             new = _absorb(_decay(suffix), -w, k_t, v_t)
-        return new, suffix
+        return new, _emit(suffix, -w)
 
     _, future = lax.scan(suffix_step, _empty(zero), (k, v), reverse=True)
 
@@ -314,12 +324,11 @@ def _scan_impl(w, u, k, v, *, variant: str, compute_dtype: jnp.dtype) -> jax.Arr
 
         def past_step(past, kv):
             k_t, v_t = kv
-            return _absorb(_decay(past), -w, k_t, v_t), past
+            return _absorb(_decay(past), -w, k_t, v_t), _emit(past, -w)
 
         _, past = lax.scan(past_step, _empty(zero), (k, v))
-        terms = [(1.0, _ref(past, -w), past), (1.0, _ref(future, -w), future)]
-        top = jnp.maximum(jnp.maximum(terms[0][1], terms[1][1]), u + k)
-        self_den = None
+        terms = [(1.0, past), (1.0, future)]
+        top = jnp.maximum(jnp.maximum(past[0], future[0]), u + k)
         eps = 0.0
     else:
         chunk = chunk_length(num_tokens)
@@ -331,7 +340,7 @@ def _scan_impl(w, u, k, v, *, variant: str, compute_dtype: jnp.dtype) -> jax.Arr
             # At a chunk start the within-chunk sums restart: past from the global prefix, residual empty.
             past = _select(later_t, past, prefix)
             residual = _select(later_t, residual, _empty(zero))
-            out = (past, residual)
+            out = (_emit(past, -w), _emit(residual, w))
             prefix = _decay(_absorb(prefix, -w, k_t, v_t))  # P_{t+1} = e^{-w}(P_t + e^{k_t})
             past = _absorb(_decay(past), -w, k_t, v_t)  # e^{-w} (earlier chunks + Q_t) + e^{k_t}
             residual = _decay(_absorb(residual, w, k_t, v_t, present=later_t))  # S_{t+1} = e^{w}(S_t + [t>s]e^{k_t})
@@ -339,11 +348,11 @@ def _scan_impl(w, u, k, v, *, variant: str, compute_dtype: jnp.dtype) -> jax.Arr
 
         _, (past, residual) = lax.scan(official_step, (_empty(zero),) * 3, (k, v, later))
         leak = 1.0 - jnp.exp(w)  # may be negative: the reason the terms are combined only here
-        terms = [(1.0, _ref(past, -w), past), (leak, _ref(residual, w), residual), (1.0, _ref(future, -w), future)]
+        terms = [(1.0, past), (leak, residual), (1.0, future)]
         # Largest exponent o_t of the table (module docstring); only the scale of EPS depends on it.
         # The CUDA kernel's own running maximum differs slightly, so its EPS term differs by ~1e-6 relative.
         self_k = jnp.where(later[:, None, None], k, _EMPTY)
-        top = jnp.maximum(jnp.maximum(terms[0][1], terms[1][1]), jnp.maximum(terms[2][1], u + k))
+        top = jnp.maximum(jnp.maximum(past[0], residual[0]), jnp.maximum(future[0], u + k))
         top = jnp.maximum(top, self_k)
         eps = EPS
 
@@ -353,7 +362,7 @@ def _scan_impl(w, u, k, v, *, variant: str, compute_dtype: jnp.dtype) -> jax.Arr
         self_den = self_den + leak * jnp.exp(self_k - top)  # e^{k_t} only when t > s
     num = v * self_den
     den = self_den + eps
-    for coef, ref, (_, _, a, b) in terms:
+    for coef, (ref, a, b) in terms:
         scale = coef * jnp.exp(ref - top)
         num = num + a * scale
         den = den + b * scale
