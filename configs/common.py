@@ -1,0 +1,99 @@
+"""Shared pieces of the fine-tuning configs (loaded by the dataset configs; imports nothing from the package).
+
+Every config is ``get_config(arg)`` with ``arg = "<size>"`` or ``"<size>,official"``: ``size`` is t, s or b
+(RWKV-UNet-T/-S/-B) and ``official`` switches the recipe from the paper's Implementation Details to what the
+official training script does where the two differ. Every field can be overridden on the command line,
+e.g. ``--config.optim.lr=5e-4`` or ``--config.model.depths="(1,1,2,2)"``.
+
+Fields (read by ``rwkvunet_jax.train.finetune``):
+  dataset            name for ``rwkvunet_jax.data.get_source`` / ``get_volumes``
+  class_names        background first; used in metric tables
+  data.root          dataset directory; data.image_size (H, W) network input; data.augment recipe;
+                     data.split_seed (8:1:1 splits); data.{train,val,test}_split ("" = none); data.worker_count
+  model.name/num_classes/in_chans, model.depths/widths (() = the size's default), drop_path_rate,
+                     dtype ("float32" or "bfloat16" compute), wkv_impl, wkv_variant
+  init.encoder       "" (from scratch), an Orbax checkpoint of an encoder/classifier/segmentation model, or an
+                     official PyTorch encoder file (.pth/.pt/.safetensors)
+  optim              AdamW (lr, min_lr, weight_decay, b1, b2, eps), schedule (cosine | poly | cosine_restarts |
+                     constant), poly_power, period_steps (cosine_restarts; 0 = 3 * epochs // 4), warmup_steps,
+                     grad_clip_norm (0 = off)
+  loss               ce_weight, dice_weight, ignore_index (-1 = none)
+  batch_size, epochs, total_steps (0 = epochs * steps per epoch), seed, log_every_steps
+  eval               protocol ("volume": slice-wise on whole volumes, Dice + HD95 per class; "image": per image),
+                     every_steps / every_epochs (validation cadence; 0 = off), tta (final test), val_tta,
+                     batch_size, num_overlays
+  checkpoint         every_steps, keep
+  paper              the numbers the paper reports for this dataset and size (printed next to ours)
+"""
+
+import ml_collections
+
+SIZES = ("t", "s", "b")
+MODEL_NAMES = {"t": "rwkv_unet_t", "s": "rwkv_unet_s", "b": "rwkv_unet_b"}
+
+
+def parse_arg(arg):
+    """``"b"`` or ``"b,official"`` -> (size, official)."""
+    tokens = [t.strip().lower() for t in (arg or "b").split(",") if t.strip()]
+    size = tokens[0] if tokens else "b"
+    if size not in SIZES:
+        raise ValueError(f"config argument must start with a model size in {SIZES}, got {arg!r}")
+    extra = set(tokens[1:]) - {"official"}
+    if extra:
+        raise ValueError(f"unknown config argument(s) {sorted(extra)} in {arg!r}; only 'official' is known")
+    return size, "official" in tokens[1:]
+
+
+def base_config(*, dataset, size, root, num_classes, in_chans, image_size, augment, protocol, class_names):
+    """The fields every fine-tuning config has, with neutral defaults the dataset configs then set."""
+    c = ml_collections.ConfigDict()
+    c.dataset = dataset
+    c.class_names = tuple(class_names)
+    c.data = ml_collections.ConfigDict(
+        dict(root=root, image_size=tuple(image_size), augment=augment, split_seed=0,
+             train_split="train", val_split="val", test_split="test", worker_count=0)
+    )
+    c.model = ml_collections.ConfigDict(
+        dict(name=MODEL_NAMES[size], num_classes=num_classes, in_chans=in_chans, depths=(), widths=(),
+             drop_path_rate=0.05, dtype="float32", wkv_impl="auto", wkv_variant="official")
+    )
+    c.init = ml_collections.ConfigDict(dict(encoder=""))
+    c.optim = ml_collections.ConfigDict(
+        dict(lr=1e-3, min_lr=0.0, weight_decay=1e-4, b1=0.9, b2=0.999, eps=1e-8, schedule="cosine",
+             poly_power=0.9, period_steps=0, warmup_steps=0, grad_clip_norm=0.0)
+    )
+    c.loss = ml_collections.ConfigDict(dict(ce_weight=0.5, dice_weight=0.5, ignore_index=-1))
+    c.batch_size = 24
+    c.epochs = 1
+    c.total_steps = 0
+    c.seed = 1234
+    c.log_every_steps = 20
+    c.eval = ml_collections.ConfigDict(
+        dict(protocol=protocol, every_steps=0, every_epochs=1.0, tta=False, val_tta=False, batch_size=24,
+             num_overlays=4)
+    )
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=2))
+    c.paper = ml_collections.ConfigDict(dict(mean_dice=-1.0, mean_hd95=-1.0))
+    return c
+
+
+def binary_config(*, dataset, size, root, paper_dice):
+    """The paper's recipe for the binary datasets (Table 5): 256x256, 300 epochs, batch 8, lr 1e-4 -> 1e-5.
+
+    One output channel with sigmoid + 0.5 BCE + 1 Dice (the paper's binary weights; its FLOPs are for
+    one class). Weight decay is not stated in the paper: 1e-2 is torch.optim.AdamW's default.
+    Per-image Dice and IoU on the test split; best validation Dice kept.
+    """
+    c = base_config(dataset=dataset, size=size, root=root, num_classes=1, in_chans=3, image_size=(256, 256),
+                    augment="binary", protocol="image", class_names=("background", "foreground"))
+    c.epochs = 300
+    c.batch_size = 8
+    c.optim.lr = 1e-4
+    c.optim.min_lr = 1e-5
+    c.optim.weight_decay = 1e-2
+    c.loss.ce_weight = 0.5
+    c.loss.dice_weight = 1.0
+    c.eval.batch_size = 8
+    c.eval.every_epochs = 1.0
+    c.paper.mean_dice = float(paper_dice[size])
+    return c

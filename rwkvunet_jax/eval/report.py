@@ -1,0 +1,154 @@
+"""What evaluation and training leave on disk: metrics.json/CSV, a printed table, overlay PNGs, progress.png."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Class colours (RGB, 0-255); class 0 is background and never painted. Index c uses PALETTE[c % len].
+PALETTE = np.array(
+    [
+        (0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+        (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128),
+    ],
+    dtype=np.uint8,
+)
+
+
+def to_display_rgb(image: np.ndarray) -> np.ndarray:
+    """(H, W), (H, W, 1) or (H, W, 3) of any range -> (H, W, 3) uint8, min-max scaled per image."""
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=-1)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"cannot display an image of shape {image.shape}; expected (H, W), (H, W, 1) or (H, W, 3)")
+    lo, hi = float(np.min(image)), float(np.max(image))
+    scaled = (image - lo) / (hi - lo) if hi > lo else np.zeros_like(image)
+    return np.round(scaled * 255).astype(np.uint8)
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, *, alpha: float = 0.45) -> np.ndarray:
+    """Blend class colours of an integer ``mask`` (H, W) over ``image``; background (0) stays untouched."""
+    rgb = to_display_rgb(image).astype(np.float32)
+    mask = np.asarray(mask)
+    if mask.shape != rgb.shape[:2]:
+        raise ValueError(f"mask shape {mask.shape} does not match image shape {rgb.shape[:2]}")
+    colours = PALETTE[mask.astype(np.int64) % len(PALETTE)].astype(np.float32)
+    painted = mask > 0
+    rgb[painted] = (1 - alpha) * rgb[painted] + alpha * colours[painted]
+    return np.round(rgb).astype(np.uint8)
+
+
+def save_overlay_png(path: str | Path, image: np.ndarray, pred: np.ndarray, label: np.ndarray | None = None) -> Path:
+    """Save [image | label overlay | prediction overlay] side by side (without the label panel if None)."""
+    from PIL import Image
+
+    panels = [to_display_rgb(image)]
+    if label is not None:
+        panels.append(overlay(image, label))
+    panels.append(overlay(image, pred))
+    gap = np.full((panels[0].shape[0], 4, 3), 255, np.uint8)
+    row = np.concatenate([p for panel in panels for p in (panel, gap)][:-1], axis=1)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(row).save(path)
+    return path
+
+
+def write_metrics(
+    outdir: str | Path, summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]] = (), *, stem: str = "metrics"
+) -> tuple[Path, Path]:
+    """Write ``summary`` to ``<stem>.json`` (with the per-case ``rows`` under "cases") and ``rows`` to ``<stem>.csv``."""
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = outdir / f"{stem}.json", outdir / f"{stem}.csv"
+    payload = {**_jsonable(summary), "cases": [_jsonable(r) for r in rows]}
+    tmp = json_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(json_path)  # atomic: a reader never sees half a file
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return json_path, csv_path
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """A plain-text table; floats get 4 decimals."""
+    if not rows:
+        return "(no rows)"
+    columns = list(columns or rows[0].keys())
+    cells = [[_fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
+    rule = "  ".join("-" * w for w in widths)
+    body = ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join([line, rule, *body])
+
+
+def plot_progress(records: Sequence[Mapping[str, float]], path: str | Path) -> Path:
+    """progress.png: training loss, validation Dice and learning rate against the step.
+
+    ``records`` are metric-writer records (``{"step": s, "train/loss": ..., "val/mean_dice": ..., "train/lr": ...}``).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(name):
+        pairs = [(r["step"], r[name]) for r in records if name in r and math.isfinite(r[name])]
+        return [s for s, _ in pairs], [v for _, v in pairs]
+
+    fig, axes = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
+    for ax, names, ylabel in (
+        (axes[0], ("train/loss", "train/ce", "train/dice"), "loss"),
+        (axes[1], ("val/mean_dice",), "validation Dice"),
+        (axes[2], ("train/lr",), "learning rate"),
+    ):
+        for name in names:
+            steps, values = series(name)
+            if steps:
+                ax.plot(steps, values, marker="o" if len(steps) < 30 else None, label=name)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(loc="best", fontsize=8)
+    axes[-1].set_xlabel("step")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    return obj
