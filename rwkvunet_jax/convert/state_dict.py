@@ -125,9 +125,12 @@ def to_numpy(value: Any, key: str = "") -> np.ndarray:
             value = value.float()  # numpy has no bfloat16
         return value.numpy()
     try:
-        return np.asarray(value)
+        value = np.asarray(value)
     except Exception as err:  # noqa: BLE001 - anything that is not array-like
         raise ValueError(f"state_dict entry {key!r} is not an array (got {type(value).__name__})") from err
+    if value.dtype.name in ("bfloat16", "float16"):  # ml_dtypes bfloat16 from safetensors/jax
+        value = value.astype(np.float32)
+    return value
 
 
 def _is_array(value: Any) -> bool:

@@ -8,6 +8,7 @@ renamed into place when complete.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Mapping
@@ -21,6 +22,7 @@ from rwkvunet_jax.convert.state_dict import to_numpy, unwrap_state_dict
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 READ_SUFFIXES = (*TORCH_SUFFIXES, ".safetensors", ".npz")
 WRITE_SUFFIXES = (".pth", ".pt", ".safetensors", ".npz")
+KEY_ORDER_METADATA = "rwkvunet_key_order"
 
 
 def _suffix(path: Path, allowed: tuple[str, ...], action: str) -> str:
@@ -62,17 +64,25 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def _read_safetensors(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
     try:
         from safetensors.numpy import load_file
 
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except (TypeError, ValueError) as err:
         # bfloat16 has no numpy dtype; go through torch when it is there.
         if "bf16" not in str(err).lower() and "bfloat16" not in str(err).lower():
             raise
         from safetensors.torch import load_file as load_torch_file
 
-        return load_torch_file(str(path))
+        tensors = load_torch_file(str(path))
+    # safetensors stores tensors sorted; files written here record the state_dict order.
+    with safe_open(str(path), framework="np") as f:
+        order = json.loads((f.metadata() or {}).get(KEY_ORDER_METADATA, "[]"))
+    if sorted(order) == sorted(tensors):
+        tensors = {key: tensors[key] for key in order}
+    return tensors
 
 
 def write_state_dict(state_dict: Mapping[str, Any], path: str | os.PathLike) -> Path:
@@ -84,7 +94,8 @@ def write_state_dict(state_dict: Mapping[str, Any], path: str | os.PathLike) -> 
     suffix = _suffix(path, WRITE_SUFFIXES, "write")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"directory for {path} does not exist: {path.parent}")
-    arrays = {str(k): np.ascontiguousarray(to_numpy(v)) for k, v in state_dict.items()}
+    # np.array(order="C") rather than np.ascontiguousarray, which turns 0-d counters into shape (1,).
+    arrays = {str(k): np.array(to_numpy(v), order="C") for k, v in state_dict.items()}
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -96,7 +107,7 @@ def write_state_dict(state_dict: Mapping[str, Any], path: str | os.PathLike) -> 
         elif suffix == ".safetensors":
             from safetensors.numpy import save_file
 
-            save_file(arrays, str(tmp), metadata={"format": "pt"})
+            save_file(arrays, str(tmp), metadata={"format": "pt", KEY_ORDER_METADATA: json.dumps(list(arrays))})
         else:
             with open(tmp, "wb") as f:
                 np.savez(f, **arrays)

@@ -83,7 +83,7 @@ def to_torch_layout(value: np.ndarray, kind: str) -> np.ndarray:
         value = value.T
     elif kind == MIX:
         value = value.reshape(1, 1, -1)
-    return np.ascontiguousarray(value)
+    return np.array(value, order="C")
 
 
 class _Builder:
