@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -73,22 +72,12 @@ def load_demo_config(path: str | Path, args: argparse.Namespace):
 
 
 def prepare_data(root: Path, phantom) -> Path:
-    """Write the phantom dataset into ``root`` unless the same one is already there."""
-    from rwkvunet_jax.data.phantom import read_phantom_meta, write_phantom_dataset
+    """Write the phantom dataset into ``root`` (kept if the same one is already there, else replaced)."""
+    from rwkvunet_jax.data.phantom import write_phantom_dataset
 
-    wanted = {"num_train": phantom.num_train, "num_val": phantom.num_val, "num_test": phantom.num_test,
-              "image_size": list(phantom.image_size), "num_classes": phantom.num_classes, "seed": phantom.seed}
-    if root.exists():
-        try:
-            meta = read_phantom_meta(root)
-        except (FileNotFoundError, ValueError):
-            meta = {}
-        if all(meta.get(k) == v for k, v in wanted.items()):
-            return root
-        shutil.rmtree(root)
     return write_phantom_dataset(root, num_train=phantom.num_train, num_val=phantom.num_val,
                                  num_test=phantom.num_test, image_size=tuple(phantom.image_size),
-                                 num_classes=phantom.num_classes, seed=phantom.seed)
+                                 num_classes=phantom.num_classes, seed=phantom.seed, overwrite=True)
 
 
 def export_torch(workdir: Path) -> Path | str:

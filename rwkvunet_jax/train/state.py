@@ -118,7 +118,7 @@ def make_train_step(
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, **parts, "lr": jnp.asarray(schedule(state.step), jnp.float32),
-                   "grad_norm": optax.global_norm(grads)}
+                   "grad_norm": optax.tree.norm(grads)}
         new_state = state.replace(step=state.step + 1, params=params, model_state=new_model_state,
                                   opt_state=opt_state)
         return new_state, metrics

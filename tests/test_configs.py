@@ -1,0 +1,98 @@
+"""Every config with every size loads through the command-line parser and carries the paper's recipe."""
+
+from pathlib import Path
+
+import pytest
+
+from rwkvunet_jax.train.cli_config import parse_config_argv
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+BINARY = ("busi", "cvc_clinicdb", "cvc_colondb", "kvasir_seg", "isic2017", "glas")
+DATASETS = ("synapse", "acdc", *BINARY)
+MODEL = {"t": "rwkv_unet_t", "s": "rwkv_unet_s", "b": "rwkv_unet_b"}
+
+# Paper, Implementation Details and Tables 3-5 (mean DSC %).
+PAPER_DICE = {
+    "synapse": {"t": 81.58, "s": 82.20, "b": 84.02},
+    "acdc": {"t": 90.92, "s": 91.64, "b": 92.17},
+    "busi": {"t": 79.47, "s": 80.92, "b": 81.92},
+    "cvc_clinicdb": {"t": 95.05, "s": 95.58, "b": 95.26},
+    "cvc_colondb": {"t": 89.56, "s": 91.30, "b": 92.27},
+    "kvasir_seg": {"t": 91.26, "s": 91.78, "b": 91.26},
+    "isic2017": {"t": 85.59, "s": 86.38, "b": 85.32},
+    "glas": {"t": 91.96, "s": 92.11, "b": 92.35},
+}
+
+
+def load(name, arg, *overrides):
+    config, _ = parse_config_argv([f"--config={CONFIGS / name}.py:{arg}", *overrides], prog="test")
+    return config
+
+
+@pytest.mark.parametrize("size", ["t", "s", "b"])
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_every_config_and_size_follows_the_paper(dataset, size):
+    c = load(dataset, size)
+    assert c.dataset == dataset
+    assert c.model.name == MODEL[size]
+    assert c.paper.mean_dice == pytest.approx(PAPER_DICE[dataset][size])
+    assert c.optim.schedule == "cosine"
+    assert c.init.encoder == ""
+    if dataset == "synapse":
+        assert (c.data.image_size, c.epochs, c.batch_size) == ((224, 224), 30, 24)
+        assert (c.optim.lr, c.optim.min_lr, c.optim.weight_decay) == (1e-3, 0.0, 1e-3)
+        assert (c.loss.ce_weight, c.loss.dice_weight) == (0.5, 0.5)
+        assert (c.model.num_classes, c.model.in_chans, c.eval.protocol, c.eval.tta) == (9, 1, "volume", True)
+        assert c.paper.mean_hd95 == pytest.approx({"t": 17.83, "s": 21.16, "b": 15.70}[size])
+        assert len(c.class_names) == 9
+    elif dataset == "acdc":
+        assert (c.data.image_size, c.epochs, c.batch_size) == ((224, 224), 150, 24)
+        assert (c.optim.lr, c.optim.min_lr) == (5e-4, 0.0)
+        assert (c.loss.ce_weight, c.loss.dice_weight) == (0.3, 0.7)
+        assert (c.model.num_classes, c.model.in_chans, c.eval.protocol, c.eval.tta) == (4, 1, "volume", True)
+        assert c.eval.every_steps == 100 and c.data.val_split == "val"
+    else:
+        assert (c.data.image_size, c.epochs, c.batch_size) == ((256, 256), 300, 8)
+        assert (c.optim.lr, c.optim.min_lr) == (1e-4, 1e-5)
+        assert (c.loss.ce_weight, c.loss.dice_weight) == (0.5, 1.0)
+        assert (c.model.num_classes, c.model.in_chans, c.eval.protocol) == (1, 3, "image")
+        assert c.data.augment == "binary"
+
+
+def test_official_options_reproduce_the_official_scripts():
+    synapse = load("synapse", "b,official")
+    assert synapse.optim.schedule == "poly" and synapse.optim.poly_power == 0.9 and not synapse.eval.tta
+    acdc = load("acdc", "s,official")
+    assert acdc.optim.schedule == "cosine_restarts" and acdc.optim.min_lr == 1e-6
+    assert (acdc.loss.ce_weight, acdc.loss.dice_weight, acdc.loss.ignore_index) == (0.2, 0.8, 4)
+    assert acdc.optim.weight_decay == 1.5e-4
+
+
+def test_every_field_can_be_overridden_on_the_command_line():
+    c = load("synapse", "b", "--config.optim.lr=5e-4", "--config.model.depths=(1,1,2,2)",
+             "--config.data.root=/data/x", "--config.eval.tta=False")
+    assert c.optim.lr == 5e-4 and c.model.depths == (1, 1, 2, 2) and c.data.root == "/data/x" and not c.eval.tta
+
+
+def test_bad_arguments_raise_clear_errors():
+    with pytest.raises(ValueError, match="model size"):
+        load("synapse", "xl")
+    with pytest.raises(ValueError, match="official"):
+        load("synapse", "b,fast")
+    with pytest.raises(ValueError, match="lrr"):
+        load("synapse", "b", "--config.optim.lrr=1")
+
+
+def test_demo_config_trains_rwkv_unet_t_on_the_phantom():
+    c = load("demo", "t")
+    assert c.model.name == "rwkv_unet_t" and c.dataset == "phantom"
+    assert c.data.image_size == c.phantom.image_size and c.model.num_classes == c.phantom.num_classes
+    assert len(c.class_names) == c.model.num_classes
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.py")), ids=lambda p: p.name)
+def test_configs_do_not_import_the_package_and_document_the_command(path):
+    text = path.read_text()
+    assert "import rwkvunet_jax" not in text and "from rwkvunet_jax" not in text
+    if path.name not in ("common.py", "pretrain_imagenet.py"):
+        assert "rwkvunet " in text.split('"""')[1], f"{path.name}: the docstring should give the command"

@@ -1,0 +1,173 @@
+"""Evaluation protocols against independent references (scipy zoom + medpy), with stub predictors.
+
+The stubs are numpy functions of the image, so these tests need no model and no compilation.
+"""
+
+import json
+
+import numpy as np
+import pytest
+from scipy.ndimage import zoom
+
+from rwkvunet_jax.eval.images import evaluate_images
+from rwkvunet_jax.eval.inference import predict_probabilities, probabilities
+from rwkvunet_jax.eval.volumes import evaluate_volumes, segment_volume
+
+medpy_binary = pytest.importorskip("medpy.metric.binary")
+
+NUM_CLASSES = 3
+NET = (32, 32)
+
+
+def intensity_classifier(images):
+    """Logits favouring class k where the intensity is near k / (K - 1): a deterministic stand-in model."""
+    levels = np.linspace(0, 1, NUM_CLASSES, dtype=np.float32)
+    return -50.0 * (images[..., :1] - levels) ** 2
+
+
+def _volume(seed, depth=3, shape=(40, 48)):
+    rng = np.random.default_rng(seed)
+    label = np.zeros((depth, *shape), np.int32)
+    for z in range(depth):
+        label[z, 5 + z:20, 6:25] = 1
+        label[z, 24:34, 30 - z:44] = 2
+    image = label / (NUM_CLASSES - 1) + rng.normal(0, 0.08, size=label.shape)
+    return {"image": image.astype(np.float32), "label": label, "id": f"case{seed}"}
+
+
+def _reference_prediction(image):
+    """TransUNet's test_single_volume, written out: zoom(order 3) in, argmax, zoom(order 0) back."""
+    out = np.zeros(image.shape, np.int32)
+    for z, sl in enumerate(image):
+        x, y = sl.shape
+        small = zoom(sl, (NET[0] / x, NET[1] / y), order=3)
+        pred = np.argmax(intensity_classifier(small[None, ..., None])[0], axis=-1)
+        out[z] = zoom(pred, (x / NET[0], y / NET[1]), order=0)
+    return out
+
+
+def _transunet_metric(pred, gt):
+    pred, gt = pred > 0, gt > 0
+    if pred.sum() > 0 and gt.sum() > 0:
+        return medpy_binary.dc(pred, gt), medpy_binary.hd95(pred, gt)
+    if pred.sum() > 0:
+        return 1.0, 0.0
+    return 0.0, 0.0
+
+
+def test_segment_volume_follows_the_transunet_protocol():
+    case = _volume(0)
+    ours = segment_volume(intensity_classifier, case["image"], image_size=NET, batch_size=2)
+    np.testing.assert_array_equal(ours, _reference_prediction(case["image"]))
+
+
+def test_evaluate_volumes_matches_medpy_mean_over_cases_then_classes():
+    cases = [_volume(1), _volume(2)]
+    cases[1]["label"][:, 24:34, :] = 0  # class 2 absent in case 2 but maybe predicted: the (1, 0) convention
+    summary, rows = evaluate_volumes(intensity_classifier, cases, num_classes=NUM_CLASSES, image_size=NET,
+                                     batch_size=4, class_names=("bg", "a", "b"), progress=False)
+    scores = np.array([[_transunet_metric(_reference_prediction(c["image"]) == k, c["label"] == k)
+                        for k in (1, 2)] for c in cases])
+    per_class = scores.mean(axis=0)
+    assert summary["mean_dice"] == pytest.approx(per_class[:, 0].mean(), abs=1e-9)
+    assert summary["mean_hd95"] == pytest.approx(per_class[:, 1].mean(), abs=1e-9)
+    assert summary["per_class"]["b"]["dice"] == pytest.approx(per_class[1, 0], abs=1e-9)
+    assert summary["num_cases"] == 2
+    assert [r["id"] for r in rows] == ["case1", "case2"]
+    assert rows[0]["a_hd95"] == pytest.approx(scores[0, 0, 1], abs=1e-9)
+
+
+def test_flip_tta_averages_probabilities_of_flipped_inputs():
+    def asymmetric(images):  # depends on position, so flipping changes the answer
+        h, w = images.shape[1:3]
+        ramp = np.linspace(-1, 1, w)[None, None, :, None] + np.linspace(0, 0.5, h)[None, :, None, None]
+        return np.concatenate([images[..., :1] + ramp, images[..., :1] - ramp, 0 * ramp + images[..., :1]], -1)
+
+    rng = np.random.default_rng(3)
+    images = rng.normal(size=(3, 8, 8, 1)).astype(np.float32)
+    got = predict_probabilities(asymmetric, images, batch_size=2, tta=True)
+    expected = (probabilities(asymmetric(images))
+                + probabilities(asymmetric(images[:, :, ::-1]))[:, :, ::-1]
+                + probabilities(asymmetric(images[:, ::-1]))[:, ::-1]) / 3
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    plain = predict_probabilities(asymmetric, images, batch_size=2, tta=False)
+    np.testing.assert_allclose(plain, probabilities(asymmetric(images)), rtol=1e-6)
+    assert np.abs(plain - got).max() > 1e-3
+
+
+def test_predict_function_always_sees_the_full_batch_shape():
+    shapes = []
+
+    def record(images):
+        shapes.append(images.shape)
+        return intensity_classifier(images)
+
+    out = predict_probabilities(record, np.zeros((5, 8, 8, 1), np.float32), batch_size=4)
+    assert out.shape == (5, 8, 8, NUM_CLASSES) and set(shapes) == {(4, 8, 8, 1)}
+
+
+class ListSource:
+    def __init__(self, examples):
+        self.examples = examples
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        return self.examples[i]
+
+
+def test_binary_image_evaluation_matches_direct_dice_and_iou():
+    rng = np.random.default_rng(4)
+    examples = []
+    for i in range(5):
+        image = rng.uniform(0, 1, size=(*NET, 3)).astype(np.float32)
+        label = (rng.uniform(size=NET) > 0.5).astype(np.int32)
+        examples.append({"image": image, "label": label, "id": f"img{i}"})
+    examples[4]["image"][:] = 0.1  # predicts nothing ...
+    examples[4]["label"][:] = 0  # ... on an empty label: Dice = IoU = 1 by convention
+
+    def threshold(images):
+        return (images[..., :1] - 0.5) * 10.0
+
+    summary, rows = evaluate_images(threshold, ListSource(examples), num_outputs=1, image_size=NET, batch_size=2,
+                                    progress=False)
+    dices, ious = [], []
+    for ex in examples:
+        pred, gt = ex["image"][..., 0] > 0.5, ex["label"] > 0
+        inter, union = np.sum(pred & gt), np.sum(pred | gt)
+        dices.append(2 * inter / (pred.sum() + gt.sum()) if union else 1.0)
+        ious.append(inter / union if union else 1.0)
+    assert [r["dice"] for r in rows] == pytest.approx(dices)
+    assert summary["mean_dice"] == pytest.approx(np.mean(dices)) and summary["mean_iou"] == pytest.approx(np.mean(ious))
+    assert summary["num_images"] == 5
+
+
+def test_multiclass_images_are_scored_at_their_original_size():
+    cases = [_volume(5, depth=1, shape=(40, 48)), _volume(6, depth=1, shape=(32, 32))]
+    examples = [{"image": c["image"][0][..., None], "label": c["label"][0], "id": c["id"]} for c in cases]
+    seen = []
+    summary, rows = evaluate_images(intensity_classifier, ListSource(examples), num_outputs=NUM_CLASSES,
+                                    image_size=NET, batch_size=2, on_image=lambda i, p: seen.append((i, p.shape)),
+                                    progress=False)
+    assert seen == [(0, (40, 48)), (1, (32, 32))]
+    assert summary["num_images"] == 2 and set(summary["per_class"]) == {"class1", "class2"}
+    assert 0.5 < summary["mean_dice"] <= 1.0
+
+
+def test_evaluate_dataset_writes_report_for_phantom_volumes(tmp_path):
+    from rwkvunet_jax.data.phantom import write_phantom_dataset
+    from rwkvunet_jax.eval.evaluate import evaluate_dataset
+
+    root = write_phantom_dataset(tmp_path / "data", num_train=2, num_val=2, num_test=5, image_size=(32, 32),
+                                 num_classes=NUM_CLASSES, seed=0, slices_per_volume=2)
+    summary = evaluate_dataset(intensity_classifier, dataset="phantom", root=root, split="test", protocol="volume",
+                               num_outputs=NUM_CLASSES, image_size=NET, batch_size=2, outdir=tmp_path / "eval",
+                               num_overlays=2, paper={"mean_dice": 80.0, "mean_hd95": -1.0}, progress=False)
+    payload = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert payload["mean_dice"] == pytest.approx(summary["mean_dice"])
+    assert set(payload) >= {"mean_dice", "mean_hd95", "per_class", "cases", "paper"}
+    assert payload["paper"] == {"mean_dice": 80.0}
+    assert len(payload["cases"]) == 3  # 5 test images in volumes of 2
+    assert len(list((tmp_path / "eval" / "overlays").glob("*.png"))) == 2
+    assert (tmp_path / "eval" / "metrics.csv").read_text().count("\n") == 4
