@@ -301,6 +301,12 @@ def _emit(acc, rate):
     return _ref(acc, rate), a, b
 
 
+def _remat(step):
+    # Differentiating a scan saves every intermediate of every step; with the step rematerialised only the
+    # carry and inputs are saved per token and the step's few exps are recomputed in the backward pass.
+    return jax.checkpoint(step, prevent_cse=False)
+
+
 def _scan_impl(w, u, k, v, *, variant: str, compute_dtype: jnp.dtype) -> jax.Array:
     out_dtype = k.dtype
     num_tokens = k.shape[1]
@@ -318,7 +324,7 @@ def _scan_impl(w, u, k, v, *, variant: str, compute_dtype: jnp.dtype) -> jax.Arr
             new = _absorb(_decay(suffix), -w, k_t, v_t)
         return new, _emit(suffix, -w)
 
-    _, future = lax.scan(suffix_step, _empty(zero), (k, v), reverse=True)
+    _, future = lax.scan(_remat(suffix_step), _empty(zero), (k, v), reverse=True)
 
     if variant == "paper":
 
@@ -326,7 +332,7 @@ def _scan_impl(w, u, k, v, *, variant: str, compute_dtype: jnp.dtype) -> jax.Arr
             k_t, v_t = kv
             return _absorb(_decay(past), -w, k_t, v_t), _emit(past, -w)
 
-        _, past = lax.scan(past_step, _empty(zero), (k, v))
+        _, past = lax.scan(_remat(past_step), _empty(zero), (k, v))
         terms = [(1.0, past), (1.0, future)]
         top = jnp.maximum(jnp.maximum(past[0], future[0]), u + k)
         eps = 0.0
@@ -346,7 +352,7 @@ def _scan_impl(w, u, k, v, *, variant: str, compute_dtype: jnp.dtype) -> jax.Arr
             residual = _decay(_absorb(residual, w, k_t, v_t, present=later_t))  # S_{t+1} = e^{w}(S_t + [t>s]e^{k_t})
             return (prefix, past, residual), out
 
-        _, (past, residual) = lax.scan(official_step, (_empty(zero),) * 3, (k, v, later))
+        _, (past, residual) = lax.scan(_remat(official_step), (_empty(zero),) * 3, (k, v, later))
         leak = 1.0 - jnp.exp(w)  # may be negative: the reason the terms are combined only here
         terms = [(1.0, past), (leak, residual), (1.0, future)]
         # Largest exponent o_t of the table (module docstring); only the scale of EPS depends on it.
