@@ -258,7 +258,7 @@ def test_encoder_file_into_segmentation_model():
     _assert_same(third.encoder, seg.encoder)
     with pytest.raises(ValueError, match="stage2.0.conv.conv.weight"):
         load_torch_encoder(third, {k: v for k, v in encoder_sd.items() if k != "stage2.0.conv.conv.weight"})
-    with pytest.raises(ValueError, match=r"stage0.0.conv.conv.weight.*\(3, 3, 1, 1\)"):
+    with pytest.raises(ValueError, match=r"shape mismatch for tensor .stage0\.0\..*\(3,.*\(4,"):
         load_torch_encoder(random_jax_model("rwkv_unet_t", num_classes=3, in_chans=4, **TINY), encoder_sd)
 
 

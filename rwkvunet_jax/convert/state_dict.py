@@ -248,7 +248,11 @@ def load_torch_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], *, s
         # An official encoder file (net_{T,S,B}.pth) holds the seg model's encoder without the prefix.
         log.info("state_dict looks like an encoder file (stage* keys); loading it as encoder.*")
         flat_sd = {f"encoder.{k}": v for k, v in flat_sd.items()}
-    return _load(model, flat_sd, official_layout(spec), jax_prefix=(), strict=strict,
+        # Its (dead here) head has as many outputs as the pretraining had classes.
+        ignore = frozenset({"encoder.head.weight", "encoder.head.bias"})
+    else:
+        ignore = frozenset()
+    return _load(model, flat_sd, official_layout(spec), jax_prefix=(), strict=strict, ignore=ignore,
                  context=f"{spec.name} (num_classes={spec.num_classes}, in_chans={spec.in_chans})")
 
 

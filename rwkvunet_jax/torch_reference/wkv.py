@@ -4,9 +4,10 @@ Two implementations of the same operator:
 
 * :func:`bi_wkv_dense` builds the T x T weight table of the chosen variant explicitly (O(T^2) time
   and memory per channel). It is the definition, used to test the fast one.
-* :func:`bi_wkv` computes the same sums in O(T) with prefix/suffix sums (``cumsum``/``cummax``),
-  no Python loop over tokens, in float64 so that a single shift per sequence (or per chunk) keeps
-  every exponential in range. Use it for real inputs (224 x 224 and above).
+* :func:`bi_wkv` computes the same sums in O(T) as recurrences, float64, each partial sum kept as
+  (running max exponent, scaled sum) so nothing overflows: a loop over the n = ceil(T/32)
+  positions of a chunk runs all chunks at once, then a loop over the (at most 32) chunks joins
+  them. Use it for real inputs (224 x 224 and above).
 
 Semantics, for one batch element and channel, tokens t, m in [0, T), decay w and bonus u (the
 model passes ``spatial_decay / T`` and ``spatial_first / T``):
@@ -28,8 +29,7 @@ model passes ``spatial_decay / T`` and ``spatial_first / T``):
   keeps for token t: the maximum of {k_m - w(t-m): m < s}, {k_m - w(t-m-1): s <= m < t},
   {k_m + w(t-m): s < m < t}, {u + k_t}, {k_t if t > s} and {k_m - w(m-t): m > t}.
 
-The fast version is exact for any shift, so it stays accurate while |spatial_decay| plus the
-spread of k is below ~600 (float64 range); the dense one has no such limit. Gradients: o_t only
+Gradients: o_t only
 sets the scale of the epsilon and is held constant (detached), as in :mod:`rwkvunet_jax.wkv`.
 """
 
@@ -130,139 +130,113 @@ def bi_wkv_dense(
 
 
 # ----------------------------------------------------------------------------------------------
-# Linear-time form.
+# Linear-time form: a scan inside chunks (all chunks at once), then a short scan over chunks.
+#
+# Every partial sum sum_m e^{x_m} [v_m, 1] is held as (m, X) with value X * e^{m}: m is the largest
+# exponent absorbed so far (shifted by the decay since), so X stays O(number of terms) and nothing
+# overflows. Five sums cover the official table for token t in the chunk starting at s:
+#   A_t  = sum_{m<s}      e^{k_m - w(t-m)}                  (earlier chunks)
+#   L_t  = sum_{s<=m<t}   e^{k_m - w(t-m)}                  (same chunk, past; the table has e^{w} L)
+#   S_t  = sum_{s<m<t}    e^{k_m + w(t-m)}                  (same-chunk residual, times 1 - e^{w})
+#   F_t  = sum_{t<m<end}  e^{k_m - w(m-t)}                  (same chunk, future)
+#   H_t  = sum_{m>=end}   e^{k_m - w(m-t)}                  (later chunks)
+# plus the token itself. The paper variant is e^{w} (A + L + F + H) + e^{u + k_t}. The running
+# maxima m are exactly the exponent sets whose maximum o_t sets the official epsilon's scale.
 
 
-def _exclusive_cumsum(x: torch.Tensor, dim: int, reverse: bool = False) -> torch.Tensor:
-    # Shift by one instead of cumsum(x) - x: the subtraction would cancel catastrophically when a
-    # token's own term dwarfs the sum of the ones before it.
-    if reverse:
-        x = x.flip(dim)
-    pad_shape = list(x.shape)
-    pad_shape[dim] = 1
-    shifted = torch.cat([torch.zeros(pad_shape, dtype=x.dtype), x.narrow(dim, 0, x.shape[dim] - 1)], dim)
-    out = torch.cumsum(shifted, dim)
-    return out.flip(dim) if reverse else out
+def _absorb(m: torch.Tensor, x: torch.Tensor, k: torch.Tensor, kv: torch.Tensor):
+    """Adds e^{k} kv to the sum (m, x)."""
+    top = torch.maximum(m, k)
+    return top, x * torch.exp(m - top).unsqueeze(-1) + kv * torch.exp(k - top).unsqueeze(-1)
 
 
-def _exclusive_cummax(x: torch.Tensor, dim: int, reverse: bool = False) -> torch.Tensor:
-    if reverse:
-        x = x.flip(dim)
-    pad_shape = list(x.shape)
-    pad_shape[dim] = 1
-    shifted = torch.cat([torch.full(pad_shape, _NEG, dtype=x.dtype), x.narrow(dim, 0, x.shape[dim] - 1)], dim)
-    out = torch.cummax(shifted, dim).values
-    return out.flip(dim) if reverse else out
+def _merge(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]):
+    top = torch.maximum(a[0], b[0])
+    return top, a[1] * torch.exp(a[0] - top).unsqueeze(-1) + b[1] * torch.exp(b[0] - top).unsqueeze(-1)
 
 
-def _weighted_sums(exponent: torch.Tensor, v: torch.Tensor, dim: int, *, reverse: bool = False):
-    """Exclusive prefix (or suffix) sums of exp(exponent) and exp(exponent) * v along ``dim``.
-
-    Returned as (den, num, shift) with the true sums equal to den * exp(shift), num * exp(shift);
-    ``shift`` is the maximum of ``exponent`` along ``dim`` (per chunk when ``dim`` is the axis inside
-    chunks), so the scaled terms never overflow.
-    """
-    shift = exponent.amax(dim=dim, keepdim=True).detach()
-    scaled = torch.exp(exponent - shift)
-    den = _exclusive_cumsum(scaled, dim, reverse)
-    num = _exclusive_cumsum(scaled * v, dim, reverse)
-    return den, num, shift
-
-
-def _fast_paper(w, u, k, v):
-    t_len = k.shape[1]
-    pos = torch.arange(t_len, dtype=torch.float64)[None, :, None]
-    a_past = k + w * pos  # k_m + w m; past weight exp(a_m - w (t - 1))
-    a_future = k - w * pos  # k_m - w m; future weight exp(a_m + w (t + 1))
-    off_past = -w * (pos - 1)
-    off_future = w * (pos + 1)
-    o = torch.maximum(
-        u + k,
-        torch.maximum(_exclusive_cummax(a_past, 1) + off_past, _exclusive_cummax(a_future, 1, reverse=True) + off_future),
-    ).detach()
-    d_p, n_p, sh_p = _weighted_sums(a_past, v, 1)
-    d_f, n_f, sh_f = _weighted_sums(a_future, v, 1, reverse=True)
-    c_p = torch.exp(sh_p + off_past - o)
-    c_f = torch.exp(sh_f + off_future - o)
-    c_d = torch.exp(u + k - o)
-    num = n_p * c_p + n_f * c_f + c_d * v
-    den = d_p * c_p + d_f * c_f + c_d
-    return num / den
-
-
-def _fast_official(w, u, k, v):
+def _chunked_scan(w, u, k, v, official: bool):
     b, t_len, c = k.shape
     n = official_chunk_length(t_len)
-    num_chunks = math.ceil(t_len / n)
-    padded = num_chunks * n
-    pos = torch.arange(t_len, dtype=torch.float64)[None, :, None]
-    start = torch.div(torch.arange(t_len), n, rounding_mode="floor").to(torch.float64)[None, :, None] * n
-    after_start = (pos > start).to(torch.float64)
-    ew = torch.exp(w)
+    num_chunks = -(-t_len // n)
+    pad = num_chunks * n - t_len
+    # Padding tokens get e^{k} = 0 in both numerator and denominator (kv = [0, 0]).
+    kv = torch.stack([v, torch.ones_like(v)], dim=-1)
+    if pad:
+        k = torch.cat([k, torch.full((b, pad, c), _NEG, dtype=k.dtype)], 1)
+        kv = torch.cat([kv, torch.zeros((b, pad, c, 2), dtype=kv.dtype)], 1)
+    kc = k.reshape(b, num_chunks, n, c)
+    kvc = kv.reshape(b, num_chunks, n, c, 2)
+    empty_m = torch.full((b, num_chunks, c), _NEG, dtype=k.dtype)
+    empty_x = torch.zeros((b, num_chunks, c, 2), dtype=k.dtype)
 
-    def chunked(x: torch.Tensor, fill: float) -> torch.Tensor:
-        x = torch.cat([x, torch.full((b, padded - t_len, c), fill, dtype=x.dtype)], 1) if padded > t_len else x
-        return x.reshape(b, num_chunks, n, c)
+    # Inside chunks, forward: L (decay e^{-w}) and S (growth e^{w}, from the token after s).
+    rec_l, rec_s = [], []
+    m_l, x_l, m_s, x_s = empty_m, empty_x, empty_m, empty_x
+    for j in range(n):
+        rec_l.append((m_l, x_l))
+        rec_s.append((m_s, x_s))
+        m_l, x_l = _absorb(m_l, x_l, kc[:, :, j], kvc[:, :, j])
+        m_l = m_l - w
+        if official:
+            if j > 0:
+                m_s, x_s = _absorb(m_s, x_s, kc[:, :, j], kvc[:, :, j])
+            m_s = m_s + w
+    chunk_sum_fwd = (m_l, x_l)  # sum_{m in chunk} e^{k_m - w(end - m)}
+    # Inside chunks, backward: F.
+    rec_f = [None] * n
+    m_f, x_f = empty_m, empty_x
+    for j in reversed(range(n)):
+        rec_f[j] = (m_f, x_f)
+        m_f, x_f = _absorb(m_f, x_f, kc[:, :, j], kvc[:, :, j])
+        m_f = m_f - w
+    chunk_sum_bwd = (m_f, x_f)  # sum_{m in chunk} e^{k_m - w(m - s + 1)}
 
-    def unchunk(x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(b, padded, c)[:, :t_len]
+    # Over chunks: P at each chunk start, H after each chunk end (at most 32 steps).
+    rec_p, rec_h = [], [None] * num_chunks
+    m_p, x_p = empty_m[:, 0], empty_x[:, 0]
+    for ci in range(num_chunks):
+        rec_p.append((m_p, x_p))
+        m_p, x_p = _merge((m_p - w * n, x_p), (chunk_sum_fwd[0][:, ci], chunk_sum_fwd[1][:, ci]))
+    m_h, x_h = empty_m[:, 0], empty_x[:, 0]
+    for ci in reversed(range(num_chunks)):
+        rec_h[ci] = (m_h, x_h)  # sum_{m >= end} e^{k_m - w(m - end + 1)}
+        m_h, x_h = _merge((chunk_sum_bwd[0][:, ci], chunk_sum_bwd[1][:, ci]), (m_h - w * n, x_h))
 
-    # Exponent families (each one's weight for token t is exp(family_m + offset_t)):
-    a_glob = k + w * pos  # earlier chunks: k_m - w (t - m)            -> offset -w t
-    a_loc = k + w * (pos - start)  # same chunk, s <= m < t: k_m - w (t-m-1)  -> offset -w (t - 1 - s)
-    r_loc = k - w * (pos - start)  # same chunk, s < m < t: k_m + w (t - m)   -> offset  w (t - s)
-    f_glob = k - w * pos  # later tokens: k_m - w (m - t)              -> offset  w t
-    off_glob = -w * pos
-    off_loc = -w * (pos - 1 - start)
-    off_res = w * (pos - start)
-    off_fut = w * pos
+    def tokens(records, axis):  # list over positions/chunks of (B, nc, C[, 2]) -> (B, T, C[, 2])
+        ms = torch.stack([r[0] for r in records], axis)
+        xs = torch.stack([r[1] for r in records], axis)
+        return ms.reshape(b, num_chunks * n, c)[:, :t_len], xs.reshape(b, num_chunks * n, c, 2)[:, :t_len]
 
-    # Earlier chunks: per-chunk totals, then an exclusive sum over chunks.
-    a_glob_c = chunked(a_glob, _NEG)
-    v_c = chunked(v, 0.0)
-    sh_g = a_glob_c.amax(dim=(1, 2), keepdim=True).detach()
-    sc_g = torch.exp(a_glob_c - sh_g)
-    d_g = _exclusive_cumsum(sc_g.sum(2, keepdim=True), 1).expand(b, num_chunks, n, c)
-    n_g = _exclusive_cumsum((sc_g * v_c).sum(2, keepdim=True), 1).expand(b, num_chunks, n, c)
-    max_g = _exclusive_cummax(a_glob_c.amax(2, keepdim=True), 1).expand(b, num_chunks, n, c)
-    d_g, n_g, max_g = unchunk(d_g), unchunk(n_g), unchunk(max_g)
-    sh_g = sh_g.reshape(b, 1, c)
+    j_pos = torch.arange(n, dtype=k.dtype)[None, None, :, None]
+    m_p_chunk, x_p_chunk = (torch.stack([r[i] for r in rec_p], 1) for i in (0, 1))
+    m_h_chunk, x_h_chunk = (torch.stack([r[i] for r in rec_h], 1) for i in (0, 1))
+    m_a = (m_p_chunk[:, :, None] - w * j_pos).reshape(b, num_chunks * n, c)[:, :t_len]
+    x_a = x_p_chunk[:, :, None].expand(b, num_chunks, n, c, 2).reshape(b, num_chunks * n, c, 2)[:, :t_len]
+    m_hh = (m_h_chunk[:, :, None] - w * (n - 1 - j_pos)).reshape(b, num_chunks * n, c)[:, :t_len]
+    x_hh = x_h_chunk[:, :, None].expand(b, num_chunks, n, c, 2).reshape(b, num_chunks * n, c, 2)[:, :t_len]
+    m_l, x_l = tokens(rec_l, 2)
+    m_f, x_f = tokens(rec_f, 2)
+    k, kv = k[:, :t_len], kv[:, :t_len]
 
-    # Same chunk, past tokens (paper-style decay, includes the chunk start).
-    a_loc_c = chunked(a_loc, _NEG)
-    d_l, n_l, sh_l = _weighted_sums(a_loc_c, v_c, 2)
-    max_l = _exclusive_cummax(a_loc_c, 2)
-    # Same chunk residual: only tokens strictly after the chunk start take part.
-    r_loc_c = chunked(torch.where(after_start.bool(), r_loc, torch.full_like(r_loc, _NEG)), _NEG)
-    d_r, n_r, sh_r = _weighted_sums(r_loc_c, v_c, 2)
-    max_r = _exclusive_cummax(r_loc_c, 2)
-    d_l, n_l, max_l, d_r, n_r, max_r = map(unchunk, (d_l, n_l, max_l, d_r, n_r, max_r))
-    sh_l = sh_l.expand(b, num_chunks, n, c).reshape(b, padded, c)[:, :t_len]
-    sh_r = sh_r.expand(b, num_chunks, n, c).reshape(b, padded, c)[:, :t_len]
-
-    # Later tokens, all chunks.
-    d_f, n_f, sh_f = _weighted_sums(f_glob, v, 1, reverse=True)
-    max_f = _exclusive_cummax(f_glob, 1, reverse=True)
-
-    o = torch.stack(
-        [
-            max_g + off_glob,
-            max_l + off_loc,
-            max_r + off_res,
-            u + k,
-            torch.where(after_start.bool(), k, torch.full_like(k, _NEG)),
-            max_f + off_fut,
-        ]
-    ).amax(0).detach()
-
-    c_g = torch.exp(sh_g + off_glob - o)
-    c_l = torch.exp(sh_l + off_loc - o)
-    c_r = (1.0 - ew) * torch.exp(sh_r + off_res - o)
-    c_f = torch.exp(sh_f + off_fut - o)
-    self_w = torch.exp(k - o) * (torch.exp(u) + after_start * (1.0 - ew))
-    num = n_g * c_g + n_l * c_l + n_r * c_r + n_f * c_f + self_w * v
-    den = d_g * c_g + d_l * c_l + d_r * c_r + d_f * c_f + self_w
-    return num / (den + OFFICIAL_EPS)
+    if official:
+        m_s, x_s = tokens(rec_s, 2)
+        after_start = (torch.arange(t_len) % n > 0).to(k.dtype)[None, :, None]
+        terms = [(m_a, x_a, None), (m_l + w, x_l, None), (m_s, x_s, 1.0 - torch.exp(w)), (m_f, x_f, None),
+                 (m_hh, x_hh, None)]
+        own = torch.where(after_start.bool(), k, torch.full_like(k, _NEG))
+        o = torch.stack([m for m, _, _ in terms] + [u + k, own]).amax(0).detach()
+        self_weight = torch.exp(k - o) * (torch.exp(u) + after_start * (1.0 - torch.exp(w)))
+    else:
+        terms = [(m + w, x, None) for m, x in ((m_a, x_a), (m_l, x_l), (m_f, x_f), (m_hh, x_hh))]
+        o = torch.stack([m for m, _, _ in terms] + [u + k]).amax(0).detach()
+        self_weight = torch.exp(u + k - o)
+    total = kv * self_weight.unsqueeze(-1)
+    for m, x, coef in terms:
+        scale = torch.exp(m - o)
+        total = total + x * (scale if coef is None else coef * scale).unsqueeze(-1)
+    num, den = total[..., 0], total[..., 1]
+    return num / (den + OFFICIAL_EPS) if official else num / den
 
 
 def bi_wkv(
@@ -276,5 +250,4 @@ def bi_wkv(
     """
     _check(w, u, k, v, variant)
     args = [x.to(torch.float64) for x in (w, u, k, v)]
-    fn = _fast_official if variant == "official" else _fast_paper
-    return fn(*args).to(k.dtype)
+    return _chunked_scan(*args, official=variant == "official").to(k.dtype)
