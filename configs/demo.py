@@ -34,7 +34,7 @@ def get_config(arg=None):
         dict(num_train=240, num_val=32, num_test=48, image_size=(64, 64), num_classes=5, seed=0))
     c.batch_size = 8
     c.epochs = 1
-    c.total_steps = 300
+    c.total_steps = 240
     c.seed = 0
     c.optim.lr = 2e-3
     c.optim.min_lr = 1e-5
@@ -44,11 +44,11 @@ def get_config(arg=None):
     c.loss.ce_weight = 0.5
     c.loss.dice_weight = 0.5
     c.log_every_steps = 10
-    c.eval.every_steps = 100
+    c.eval.every_steps = 80
     c.eval.every_epochs = 0.0
     c.eval.batch_size = 16
     c.eval.tta = False
     c.eval.num_overlays = 4
-    c.checkpoint.every_steps = 100
+    c.checkpoint.every_steps = 80
     c.checkpoint.keep = 1
     return c

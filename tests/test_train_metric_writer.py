@@ -62,8 +62,10 @@ def test_progress_plot_and_overlays_are_images(tmp_path):
     untouched = report.to_display_rgb(image)
     np.testing.assert_array_equal(overlay[label == 0], untouched[label == 0])
     assert np.abs(overlay[label == 2].astype(int) - untouched[label == 2]).max() > 0
-    saved = report.save_overlay_png(tmp_path / "o.png", image, label, label)
+    saved = report.save_overlay_png(tmp_path / "o.png", image, label, label, min_height=1)
     assert Image.open(saved).size == (3 * 10 + 2 * 4, 12)
+    enlarged = report.save_overlay_png(tmp_path / "big.png", image, label, min_height=30)  # 12 rows -> x3
+    assert Image.open(enlarged).size == (2 * 30 + 4, 36)
     with pytest.raises(ValueError, match="does not match"):
         report.overlay(image, label[:5])
 

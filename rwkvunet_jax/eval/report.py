@@ -47,14 +47,21 @@ def overlay(image: np.ndarray, mask: np.ndarray, *, alpha: float = 0.45) -> np.n
     return np.round(rgb).astype(np.uint8)
 
 
-def save_overlay_png(path: str | Path, image: np.ndarray, pred: np.ndarray, label: np.ndarray | None = None) -> Path:
-    """Save [image | label overlay | prediction overlay] side by side (without the label panel if None)."""
+def save_overlay_png(path: str | Path, image: np.ndarray, pred: np.ndarray, label: np.ndarray | None = None,
+                     *, min_height: int = 192) -> Path:
+    """Save [image | label overlay | prediction overlay] side by side (without the label panel if None).
+
+    Small images are enlarged by an integer factor (nearest neighbour) to at least ``min_height`` rows.
+    """
     from PIL import Image
 
     panels = [to_display_rgb(image)]
     if label is not None:
         panels.append(overlay(image, label))
     panels.append(overlay(image, pred))
+    factor = max(1, -(-min_height // panels[0].shape[0]))
+    if factor > 1:
+        panels = [np.repeat(np.repeat(p, factor, axis=0), factor, axis=1) for p in panels]
     gap = np.full((panels[0].shape[0], 4, 3), 255, np.uint8)
     row = np.concatenate([p for panel in panels for p in (panel, gap)][:-1], axis=1)
     path = Path(path)

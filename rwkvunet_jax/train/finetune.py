@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from rwkvunet_jax import checkpoint as ckpt
+from rwkvunet_jax.eval.report import plot_progress
 from rwkvunet_jax.train import losses, schedules, sharding
 from rwkvunet_jax.train import state as train_state
 from rwkvunet_jax.train.metric_writer import MetricWriter, read_metrics
@@ -60,8 +61,10 @@ def train_and_evaluate(config: Any, workdir: str | Path, *, stop_after_step: int
     # --- devices: a data-parallel mesh over this host's devices ---------------------------------------
     mesh = sharding.local_mesh()
     devices = sharding.batch_divisor(mesh)
-    if config.batch_size % devices:
-        raise ValueError(f"batch_size {config.batch_size} is not divisible by the {devices} local devices")
+    for field in ("batch_size", "eval.batch_size"):
+        value = config.batch_size if field == "batch_size" else config.eval.batch_size
+        if value % devices:
+            raise ValueError(f"{field} {value} is not divisible by the {devices} local devices")
 
     # --- data --------------------------------------------------------------------------------------------
     root = Path(config.data.root).expanduser()
@@ -119,6 +122,7 @@ def train_and_evaluate(config: Any, workdir: str | Path, *, stop_after_step: int
                       out_shardings=sharding.data_sharding(mesh))
 
     def predict_fn(images: np.ndarray) -> np.ndarray:
+        # Reads `state` when called: validation sees the latest weights, the final test the best ones.
         return np.asarray(predict(state, sharding.host_local_batch_to_global(images, mesh)))
 
     # --- loop --------------------------------------------------------------------------------------------
@@ -137,23 +141,26 @@ def train_and_evaluate(config: Any, workdir: str | Path, *, stop_after_step: int
             window.append((step, metrics))
             is_last = step == total_steps
             if step % config.log_every_steps == 0 or is_last or step == stop_after_step:
-                record = _flush_window(window, time.perf_counter() - window_start, config.batch_size)
+                record = _flush_window(window, window_start, config.batch_size)
                 record["train/epoch"] = step / steps_per_epoch
                 writer.write(step, record)
                 if bar is not None:
                     bar.set_postfix(loss=f"{record['train/loss']:.4f}", lr=f"{record['train/lr']:.2e}")
-                window, window_start = [], time.perf_counter()
+                window = []
             if bar is not None:
                 bar.update(1)
             if eval_every and (step % eval_every == 0 or is_last):
                 val = validate(config, predict_fn, root)
                 writer.write(step, val)
+                plot_progress(read_metrics(workdir), workdir / "progress.png")
                 print(f"step {step}: validation mean Dice {val['val/mean_dice']:.4f}")
                 if val["val/mean_dice"] > best["val/mean_dice"]:
                     best = {"step": step, **val}
                     save(best_manager, step, graphs, state, model, train_iter, config, best, total_steps)
             if step % config.checkpoint.every_steps == 0 or is_last:
                 save(manager, step, graphs, state, model, train_iter, config, best, total_steps)
+            if not window:  # throughput excludes validation and checkpoint time
+                window_start = time.perf_counter()
             if stop_after_step is not None and step >= stop_after_step:
                 break
     finally:
@@ -164,8 +171,6 @@ def train_and_evaluate(config: Any, workdir: str | Path, *, stop_after_step: int
         best_manager.wait_until_finished()
         manager.close()
         best_manager.close()
-
-    from rwkvunet_jax.eval.report import plot_progress
 
     plot_progress(read_metrics(workdir), workdir / "progress.png")
     summary: dict[str, Any] = {"step": step, "total_steps": total_steps, "best": best, "workdir": str(workdir)}
@@ -358,9 +363,10 @@ def _model_with_state(graphs, host_state, model):
     return train_state.merge_model(graphs, host_state)
 
 
-def _flush_window(window, seconds: float, batch_size: int) -> dict[str, float]:
+def _flush_window(window, window_start: float, batch_size: int) -> dict[str, float]:
     """Average the metrics of the last steps; stop with the step number if a loss is not finite."""
-    host = jax.device_get([m for _, m in window])
+    host = jax.device_get([m for _, m in window])  # waits for the steps to finish
+    seconds = time.perf_counter() - window_start
     for (step, _), metrics in zip(window, host):
         if not np.isfinite(metrics["loss"]):
             raise NonFiniteLossError(

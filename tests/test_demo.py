@@ -1,0 +1,41 @@
+"""A shortened ``rwkvunet demo`` (what CI can afford): every artefact is produced; the Dice is not checked."""
+
+import json
+
+import numpy as np
+import pytest
+
+from rwkvunet_jax import checkpoint as ckpt
+from rwkvunet_jax.commands import demo
+
+
+def test_short_demo_produces_every_artefact(tmp_path, capsys):
+    workdir = tmp_path / "demo"
+    code = demo.main(["--workdir", str(workdir), "--steps", "2", "--num-train", "8", "--num-val", "2",
+                      "--num-test", "2", "--image-size", "32", "--batch-size", "2", "--no-progress"])
+    assert code == 0
+    out = capsys.readouterr().out
+
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    assert 0.0 <= metrics["mean_dice"] <= 1.0 and metrics["split"] == "test"
+    assert set(metrics["per_class"]) == {"liver", "kidney", "spleen", "vessel"}  # foreground classes only
+    assert len(metrics["cases"]) == 2
+    assert (workdir / "progress.png").stat().st_size > 0
+    assert len(list((workdir / "eval" / "overlays").glob("*.png"))) == 2
+    assert (workdir / "data" / "phantom.json").is_file()
+    assert list((workdir / "tensorboard").glob("events.*"))
+    model = ckpt.load_model(workdir)
+    assert model.spec.name == "rwkv_unet_t" and model.spec.depths == (2, 2, 4, 2)  # the real T architecture
+    assert str(workdir / "metrics.json") in out and "mean Dice" in out
+
+    torch = pytest.importorskip("torch")
+    exported = torch.load(workdir / "export" / "rwkv_unet_t.pth", map_location="cpu", weights_only=True)
+    weight = exported["final_conv.weight"].numpy()  # torch layout (out, in, kh, kw)
+    np.testing.assert_array_equal(weight, np.transpose(np.asarray(model.final_conv.kernel[...]), (3, 2, 0, 1)))
+
+
+def test_demo_rejects_bad_settings(tmp_path, capsys):
+    assert demo.main(["--workdir", str(tmp_path / "d"), "--image-size", "40"]) == 2
+    assert "multiple of 16" in capsys.readouterr().err
+    assert demo.main(["--workdir", str(tmp_path / "d"), "--config", str(tmp_path / "none.py")]) == 2
+    assert "none.py" in capsys.readouterr().err

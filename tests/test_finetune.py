@@ -1,0 +1,204 @@
+"""Fine-tuning end to end on a tiny phantom with a tiny RWKV-UNet: loss goes down, a killed run resumes exactly,
+artefacts are written, the evaluate command reads the run, and errors are clear.
+
+One module-scoped uninterrupted run is shared; compiled programs go to a persistent cache in a temporary
+directory so that the interrupted and resumed runs (same program) do not compile again.
+"""
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from rwkvunet_jax import checkpoint as ckpt
+from rwkvunet_jax.train import finetune
+from rwkvunet_jax.train.cli_config import parse_config_argv
+from rwkvunet_jax.train.metric_writer import read_metrics
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TINY = ["--config.model.depths=(1,1,2,2)", "--config.model.widths=(8,16,16,32)", "--config.model.num_classes=3",
+        "--config.class_names=('background','liver','kidney')"]
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    old = {n: getattr(jax.config, n) for n in names}
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    yield
+    for name, value in old.items():
+        jax.config.update(name, value)
+
+
+@pytest.fixture(scope="module")
+def phantom_root(tmp_path_factory):
+    from rwkvunet_jax.data.phantom import write_phantom_dataset
+
+    return write_phantom_dataset(tmp_path_factory.mktemp("phantom") / "data", num_train=16, num_val=4, num_test=4,
+                                 image_size=(32, 32), num_classes=3, seed=0, slices_per_volume=4)
+
+
+def tiny_config(root, *extra):
+    """The demo config shrunk for tests; ``extra`` overrides replace defaults of the same field (a repeated
+    tuple flag would be appended to, not replaced)."""
+    argv = [f"--config.data.root={root}", "--config.data.image_size=(32,32)", *TINY, "--config.batch_size=4",
+            "--config.eval.batch_size=4", "--config.total_steps=6", "--config.optim.warmup_steps=0",
+            "--config.checkpoint.every_steps=2", "--config.eval.every_steps=3", "--config.log_every_steps=1",
+            "--config.eval.num_overlays=2", "--config.checkpoint.keep=2"]
+    replaced = {e.split("=")[0] for e in extra}
+    argv = [a for a in argv if a.split("=")[0] not in replaced] + list(extra)
+    config, _ = parse_config_argv(["--config", f"{CONFIGS / 'demo.py'}", *argv], prog="test")
+    return config
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, phantom_root, compile_cache):
+    workdir = tmp_path_factory.mktemp("run_full")
+    summary = finetune.train_and_evaluate(tiny_config(phantom_root), workdir, progress=False)
+    return workdir, summary
+
+
+def _losses(workdir):
+    return [(r["step"], r["train/loss"]) for r in read_metrics(workdir) if "train/loss" in r]
+
+
+def test_run_lowers_the_loss_and_writes_every_artefact(finished_run):
+    workdir, summary = finished_run
+    assert summary["step"] == 6
+    losses = _losses(workdir)
+    assert [s for s, _ in losses] == list(range(1, 7))
+    assert np.mean([v for _, v in losses[-2:]]) < np.mean([v for _, v in losses[:2]]), losses
+    for name in ("progress.png", "metrics.csv", "metrics.jsonl", "config.json", "eval/metrics.json",
+                 "eval/metrics.csv"):
+        assert (workdir / name).is_file(), name
+    assert list((workdir / "tensorboard").glob("events.*"))
+    assert len(list((workdir / "eval" / "overlays").glob("*.png"))) == 2
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [4, 6]
+    assert [p.name for p in (workdir / "checkpoints_best").iterdir() if p.name.isdigit()] == [str(summary["best"]["step"])]
+    metrics = json.loads((workdir / "eval" / "metrics.json").read_text())
+    assert set(metrics["per_class"]) == {"liver", "kidney"} and 0 <= metrics["mean_dice"] <= 1
+    vals = [r for r in read_metrics(workdir) if "val/mean_dice" in r]
+    assert [r["step"] for r in vals] == [3, 6]
+    # the checkpoint is a model checkpoint for every reader
+    model = ckpt.load_model(workdir)
+    assert model.spec.num_classes == 3 and model.spec.depths == (1, 1, 2, 2)
+
+
+def test_killed_run_resumes_at_the_saved_step_with_the_same_batches(tmp_path, finished_run, phantom_root):
+    full_dir, _ = finished_run
+    workdir = tmp_path / "run"
+    stopped = finetune.train_and_evaluate(tiny_config(phantom_root), workdir, stop_after_step=3, progress=False)
+    assert stopped["step"] == 3 and "metrics" not in stopped
+    assert ckpt.resolve_checkpoint(workdir / "checkpoints").name == "2"  # 3 was never saved: the 'kill'
+
+    # The saved data-iterator state continues with the batch an uninterrupted pipeline gives third.
+    from rwkvunet_jax import data
+
+    config = tiny_config(phantom_root)
+    source = data.get_source("phantom", phantom_root, "train")
+
+    def fresh():
+        return data.train_iterator(source, augment=config.data.augment, image_size=(32, 32), batch_size=4,
+                                   seed=config.seed)
+
+    uninterrupted = fresh()
+    expected = [next(uninterrupted) for _ in range(3)][-1]
+    restored = fresh()
+    saved = ckpt._ocp().Checkpointer(ckpt._ocp().JsonCheckpointHandler()).restore(workdir / "checkpoints/2/data")
+    finetune._set_iterator_state(restored, saved)
+    got = next(restored)
+    np.testing.assert_array_equal(got["image"], expected["image"])
+    np.testing.assert_array_equal(got["label"], expected["label"])
+
+    resumed = finetune.train_and_evaluate(tiny_config(phantom_root), workdir, progress=False)
+    assert resumed["step"] == 6
+    ours, reference = _losses(workdir), _losses(full_dir)
+    assert [s for s, _ in ours] == [s for s, _ in reference] == list(range(1, 7))
+    np.testing.assert_allclose([v for _, v in ours], [v for _, v in reference], rtol=1e-6, atol=1e-6)
+    assert resumed["metrics"]["mean_dice"] == pytest.approx(
+        json.loads((full_dir / "eval" / "metrics.json").read_text())["mean_dice"], abs=1e-6)
+
+
+def test_evaluate_command_reads_the_run_and_agrees(finished_run, phantom_root, tmp_path, capsys):
+    from rwkvunet_jax.commands import evaluate
+
+    workdir, summary = finished_run
+    argv = ["--config", str(CONFIGS / "demo.py"), f"--config.data.root={phantom_root}",
+            "--config.data.image_size=(32,32)", *TINY, "--checkpoint", str(workdir), "--outdir", str(tmp_path / "ev"),
+            "--noprogress"]
+    assert evaluate.main(argv) == 0
+    got = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert got["mean_dice"] == pytest.approx(summary["metrics"]["mean_dice"], abs=1e-6)
+    assert "liver" in capsys.readouterr().out
+
+    wrong = [a if "num_classes" not in a else "--config.model.num_classes=4" for a in argv]
+    assert evaluate.main(wrong) == 2
+    assert "num_classes=3" in capsys.readouterr().err
+
+
+def test_resuming_with_another_model_is_refused(finished_run, phantom_root, tmp_path):
+    import shutil
+
+    workdir, _ = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir / "checkpoints", copy / "checkpoints")
+    config = tiny_config(phantom_root, "--config.model.widths=(8,16,16,48)")
+    with pytest.raises(ckpt.CheckpointError, match="different model"):
+        finetune.train_and_evaluate(config, copy, progress=False)
+
+
+def test_missing_dataset_and_empty_root_fail_with_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        finetune.train_and_evaluate(tiny_config(tmp_path / "nowhere"), tmp_path / "w", progress=False)
+    with pytest.raises(ValueError, match="data.root"):
+        finetune.train_and_evaluate(tiny_config(""), tmp_path / "w", progress=False)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        finetune.train_and_evaluate(tiny_config(tmp_path, "--config.data.image_size=(30,30)"), tmp_path / "w")
+
+
+def test_non_finite_loss_names_the_step():
+    window = [(4, {"loss": np.float32(0.5), "lr": np.float32(1e-3)}),
+              (5, {"loss": np.float32(np.nan), "lr": np.float32(1e-3)})]
+    with pytest.raises(finetune.NonFiniteLossError, match="step 5"):
+        finetune._flush_window(window, 0.0, 4)
+
+
+def test_pretrained_encoder_from_orbax_classifier_and_torch_file(tmp_path):
+    from rwkvunet_jax.models.registry import create_model
+
+    sizes = dict(depths=(1, 1, 2, 2), widths=(8, 16, 16, 32))
+    classifier = create_model("rwkv_unet_encoder_t", num_classes=10, in_chans=3, seed=1, **sizes)
+    ckpt.save_model(tmp_path / "classifier", classifier)
+
+    def stage_arrays(tree):
+        return {k: jax.tree.leaves(v) for k, v in tree.items() if str(k).startswith("stage")}
+
+    expected = stage_arrays(ckpt.model_state(classifier))
+    seg = create_model("rwkv_unet_t", num_classes=3, in_chans=1, seed=2, **sizes)
+    decoder_before = jax.tree.leaves(ckpt.model_state(seg)["decoder1"])
+    report = finetune.load_pretrained_encoder(seg, tmp_path / "classifier")
+    assert "stage0" in report and "stage4" in report
+    got = stage_arrays(ckpt.model_state(seg)["encoder"])
+    for name in expected:
+        for a, b in zip(got[name], expected[name]):
+            np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(ckpt.model_state(seg)["decoder1"]), decoder_before):
+        np.testing.assert_array_equal(a, b)  # only the encoder changes
+
+    pytest.importorskip("torch")
+    from rwkvunet_jax import convert
+
+    path = convert.write_state_dict(convert.export_torch_state_dict(classifier), tmp_path / "net_T.pth")
+    seg2 = create_model("rwkv_unet_t", num_classes=3, in_chans=1, seed=3, **sizes)
+    finetune.load_pretrained_encoder(seg2, path)
+    for name, arrays in stage_arrays(ckpt.model_state(seg2)["encoder"]).items():
+        for a, b in zip(arrays, expected[name]):
+            np.testing.assert_allclose(a, b, rtol=1e-6)
+
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        finetune.load_pretrained_encoder(seg2, tmp_path / "missing.pth")

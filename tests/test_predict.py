@@ -1,0 +1,124 @@
+"""``rwkvunet predict`` on fixture files of every supported format, against a reference written out with
+scipy/PIL/nibabel (resize in, model, argmax, nearest resize back) using the same checkpoint."""
+
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+from scipy.ndimage import zoom
+
+from rwkvunet_jax import checkpoint as ckpt
+from rwkvunet_jax.commands import predict
+from rwkvunet_jax.eval.inference import model_predict_fn
+from rwkvunet_jax.models.registry import create_model
+
+NET = 32
+BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    old = {n: getattr(jax.config, n) for n in names}
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    yield
+    for name, value in old.items():
+        jax.config.update(name, value)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, compile_cache):
+    model = create_model("rwkv_unet_t", num_classes=3, in_chans=1, seed=0, depths=(1, 1, 2, 2), widths=(8, 16, 16, 32))
+    return ckpt.save_model(tmp_path_factory.mktemp("ckpt") / "model", model)
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    forward = model_predict_fn(ckpt.load_model(model_dir))
+
+    def labels(slice_2d, order):
+        """The documented pipeline, written out: zoom to NET (order), model, argmax, zoom back (order 0)."""
+        h, w = slice_2d.shape
+        small = zoom(slice_2d.astype(np.float32), (NET / h, NET / w), order=order)
+        batch = np.zeros((BATCH, NET, NET, 1), np.float32)
+        batch[0, ..., 0] = small
+        pred = np.argmax(np.asarray(forward(batch))[0], axis=-1)
+        return zoom(pred, (h / NET, w / NET), order=0)
+
+    return labels
+
+
+def _smooth(shape, seed):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.meshgrid(np.linspace(0, 1, shape[0]), np.linspace(0, 1, shape[1]), indexing="ij")
+    return (0.5 + 0.4 * np.sin(6 * yy + seed) * np.cos(5 * xx) + 0.05 * rng.normal(size=shape)).clip(0, 1)
+
+
+def test_every_format_round_trips_with_the_input_size(tmp_path, model_dir, reference):
+    nib = pytest.importorskip("nibabel")
+    gray = (_smooth((40, 50), 0) * 255).astype(np.uint8)
+    Image.fromarray(gray).save(tmp_path / "gray.png")
+    rgb = (np.stack([_smooth((36, 20), s) for s in (1, 2, 3)], -1) * 255).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "colour.jpg", quality=95)
+    np.save(tmp_path / "slice.npy", _smooth((40, 50), 4).astype(np.float32))
+    np.savez(tmp_path / "slice.npz", image=_smooth((24, 40), 5).astype(np.float32), other=np.zeros(3))
+    hu = np.stack([_smooth((40, 50), 6 + k) * 600 - 200 for k in range(3)], -1).astype(np.float32)
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    affine[:3, 3] = [10, -20, 5]
+    nib.save(nib.Nifti1Image(hu, affine), str(tmp_path / "volume.nii.gz"))
+
+    outdir = tmp_path / "out"
+    inputs = [tmp_path / n for n in ("gray.png", "colour.jpg", "slice.npy", "slice.npz", "volume.nii.gz")]
+    code = predict.main([*map(str, inputs), "--checkpoint", str(model_dir), "--outdir", str(outdir),
+                         "--image-size", str(NET), str(NET), "--batch-size", str(BATCH)])
+    assert code == 0
+
+    mask = np.asarray(Image.open(outdir / "gray_mask.png"))
+    np.testing.assert_array_equal(mask, reference(gray / 255.0, order=1))
+    grey_of_jpeg = np.asarray(Image.open(tmp_path / "colour.jpg").convert("L"), np.float32) / 255.0
+    np.testing.assert_array_equal(np.asarray(Image.open(outdir / "colour_mask.png")), reference(grey_of_jpeg, order=1))
+    np.testing.assert_array_equal(np.load(outdir / "slice_mask.npy"), reference(np.load(tmp_path / "slice.npy"), 3))
+    with np.load(outdir / "slice_mask.npz") as archive:
+        np.testing.assert_array_equal(archive["label"], reference(np.load(tmp_path / "slice.npz")["image"], 3))
+
+    # NIfTI: slices along the last axis; same shape and affine. Without --window the values are used as stored.
+    out = nib.load(str(outdir / "volume_mask.nii.gz"))
+    assert out.shape == hu.shape and out.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(out.affine, affine)
+    labels = np.asarray(out.dataobj)
+    for k in range(hu.shape[-1]):
+        np.testing.assert_array_equal(labels[..., k], reference(hu[..., k], order=3))
+    for stem in ("gray", "colour", "slice", "volume"):
+        assert (outdir / f"{stem}_overlay.png").is_file()
+    assert all(0 <= m.max() < 3 for m in (mask, labels))
+
+
+def test_window_clips_and_scales_intensities(tmp_path, model_dir, reference):
+    hu = (_smooth((32, 32), 9) * 800 - 300).astype(np.float32)
+    np.save(tmp_path / "ct.npy", hu)
+    assert predict.main([str(tmp_path / "ct.npy"), "--checkpoint", str(model_dir), "--outdir", str(tmp_path / "o"),
+                         "--image-size", str(NET), str(NET), "--window", "-125", "275"]) == 0
+    windowed = (np.clip(hu, -125, 275) + 125) / 400
+    np.testing.assert_array_equal(np.load(tmp_path / "o" / "ct_mask.npy"), reference(windowed, order=3))
+
+
+def test_bad_inputs_fail_with_the_path(tmp_path, model_dir, capsys):
+    args = ["--checkpoint", str(model_dir), "--image-size", "32", "32", "--outdir", str(tmp_path / "o")]
+    assert predict.main([str(tmp_path / "absent.png"), *args]) == 2
+    assert "absent.png" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("x")
+    assert predict.main([str(tmp_path / "notes.txt"), *args]) == 2
+    assert "unsupported input" in capsys.readouterr().err
+    np.save(tmp_path / "ok.npy", np.zeros((8, 8), np.float32))
+    assert predict.main([str(tmp_path / "ok.npy"), "--checkpoint", str(tmp_path / "no_ckpt")]) == 2
+    assert "no_ckpt" in capsys.readouterr().err
+
+
+def test_trained_image_size_comes_from_the_checkpoint_config():
+    assert predict.trained_image_size({"config": {"data": {"image_size": [64, 96]}}}) == (64, 96)
+    assert predict.trained_image_size({"model": {}}) == (224, 224)
