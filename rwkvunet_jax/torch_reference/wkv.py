@@ -4,10 +4,10 @@ Two implementations of the same operator:
 
 * :func:`bi_wkv_dense` builds the T x T weight table of the chosen variant explicitly (O(T^2) time
   and memory per channel). It is the definition, used to test the fast one.
-* :func:`bi_wkv` computes the same sums in O(T) as recurrences, float64, each partial sum kept as
-  (running max exponent, scaled sum) so nothing overflows: a loop over the n = ceil(T/32)
-  positions of a chunk runs all chunks at once, then a loop over the (at most 32) chunks joins
-  them. Use it for real inputs (224 x 224 and above).
+* :func:`bi_wkv` computes the same sums in O(T) as recurrences (float32 arithmetic for float32
+  inputs, float64 for float64), each partial sum kept as (running max exponent, scaled sum) so
+  nothing overflows: a loop over the n = ceil(T/32) positions of a chunk runs all chunks at once,
+  then a loop over the (at most 32) chunks joins them. Use it for real inputs (224 x 224 and up).
 
 Semantics, for one batch element and channel, tokens t, m in [0, T), decay w and bonus u (the
 model passes ``spatial_decay / T`` and ``spatial_first / T``):
@@ -43,8 +43,8 @@ VARIANTS = ("official", "paper")
 OFFICIAL_EPS = 1e-6
 OFFICIAL_NUM_CHUNKS = 32
 # A finite "minus infinity": empty maxima and padded tokens use it, so no inf - inf = nan appears
-# in the forward or the backward pass; exp() of anything near it is exactly 0 in float64.
-_NEG = -1e300
+# in the forward or the backward pass; exp() of anything near it is exactly 0 (float32 or 64).
+_NEG = -1e30
 
 
 def _check(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: str) -> None:
@@ -144,15 +144,26 @@ def bi_wkv_dense(
 # maxima m are exactly the exponent sets whose maximum o_t sets the official epsilon's scale.
 
 
-def _absorb(m: torch.Tensor, x: torch.Tensor, k: torch.Tensor, kv: torch.Tensor):
-    """Adds e^{k} kv to the sum (m, x)."""
-    top = torch.maximum(m, k)
-    return top, x * torch.exp(m - top).unsqueeze(-1) + kv * torch.exp(k - top).unsqueeze(-1)
+def _step(m: torch.Tensor, x: torch.Tensor, shift: torch.Tensor, k: torch.Tensor | None = None,
+          kv: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sum (m, x) times e^{shift}, plus e^{k} kv when given.
+
+    The scale m is a constant for autograd (any scale gives the same value), so gradients flow only
+    through the exponentials, never through the running maximum.
+    """
+    grown = m + shift
+    top = (grown if k is None else torch.maximum(grown, k)).detach()
+    x = x * torch.exp(grown - top).unsqueeze(-1)
+    if k is not None:
+        x = x + kv * torch.exp(k - top).unsqueeze(-1)
+    return top, x
 
 
-def _merge(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]):
-    top = torch.maximum(a[0], b[0])
-    return top, a[1] * torch.exp(a[0] - top).unsqueeze(-1) + b[1] * torch.exp(b[0] - top).unsqueeze(-1)
+def _merge(m_a: torch.Tensor, x_a: torch.Tensor, shift: torch.Tensor, m_b: torch.Tensor, x_b: torch.Tensor):
+    """The sum (m_a, x_a) times e^{shift}, plus the sum (m_b, x_b)."""
+    grown = m_a + shift
+    top = torch.maximum(grown, m_b).detach()
+    return top, x_a * torch.exp(grown - top).unsqueeze(-1) + x_b * torch.exp(m_b - top).unsqueeze(-1)
 
 
 def _chunked_scan(w, u, k, v, official: bool):
@@ -176,20 +187,17 @@ def _chunked_scan(w, u, k, v, official: bool):
     for j in range(n):
         rec_l.append((m_l, x_l))
         rec_s.append((m_s, x_s))
-        m_l, x_l = _absorb(m_l, x_l, kc[:, :, j], kvc[:, :, j])
-        m_l = m_l - w
-        if official:
-            if j > 0:
-                m_s, x_s = _absorb(m_s, x_s, kc[:, :, j], kvc[:, :, j])
-            m_s = m_s + w
+        k_j, kv_j = kc[:, :, j], kvc[:, :, j]
+        m_l, x_l = _step(m_l, x_l, -w, k_j - w, kv_j)  # (L + e^{k} kv) e^{-w}
+        if official:  # (S + [j > 0] e^{k} kv) e^{w}
+            m_s, x_s = _step(m_s, x_s, w, k_j + w, kv_j) if j > 0 else _step(m_s, x_s, w)
     chunk_sum_fwd = (m_l, x_l)  # sum_{m in chunk} e^{k_m - w(end - m)}
     # Inside chunks, backward: F.
     rec_f = [None] * n
     m_f, x_f = empty_m, empty_x
     for j in reversed(range(n)):
         rec_f[j] = (m_f, x_f)
-        m_f, x_f = _absorb(m_f, x_f, kc[:, :, j], kvc[:, :, j])
-        m_f = m_f - w
+        m_f, x_f = _step(m_f, x_f, -w, kc[:, :, j] - w, kvc[:, :, j])
     chunk_sum_bwd = (m_f, x_f)  # sum_{m in chunk} e^{k_m - w(m - s + 1)}
 
     # Over chunks: P at each chunk start, H after each chunk end (at most 32 steps).
@@ -197,11 +205,11 @@ def _chunked_scan(w, u, k, v, official: bool):
     m_p, x_p = empty_m[:, 0], empty_x[:, 0]
     for ci in range(num_chunks):
         rec_p.append((m_p, x_p))
-        m_p, x_p = _merge((m_p - w * n, x_p), (chunk_sum_fwd[0][:, ci], chunk_sum_fwd[1][:, ci]))
+        m_p, x_p = _merge(m_p, x_p, -w * n, chunk_sum_fwd[0][:, ci], chunk_sum_fwd[1][:, ci])
     m_h, x_h = empty_m[:, 0], empty_x[:, 0]
     for ci in reversed(range(num_chunks)):
         rec_h[ci] = (m_h, x_h)  # sum_{m >= end} e^{k_m - w(m - end + 1)}
-        m_h, x_h = _merge((chunk_sum_bwd[0][:, ci], chunk_sum_bwd[1][:, ci]), (m_h - w * n, x_h))
+        m_h, x_h = _merge(m_h, x_h, -w * n, chunk_sum_bwd[0][:, ci], chunk_sum_bwd[1][:, ci])
 
     def tokens(records, axis):  # list over positions/chunks of (B, nc, C[, 2]) -> (B, T, C[, 2])
         ms = torch.stack([r[0] for r in records], axis)
@@ -242,12 +250,16 @@ def _chunked_scan(w, u, k, v, official: bool):
 def bi_wkv(
     w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, variant: str = "official"
 ) -> torch.Tensor:
-    """Bidirectional WKV in O(T) per channel (float64 inside, differentiable).
+    """Bidirectional WKV in O(T) per channel, differentiable.
 
     Args: ``w`` (decay per token) and ``u`` (bonus), shape (C,); ``k``, ``v`` of shape (B, T, C).
     ``variant``: ``"official"`` (the released kernel's chunked recurrence) or ``"paper"``.
-    Returns (B, T, C) in k's dtype. See the module docstring for the exact formulas.
+    Returns (B, T, C) in k's dtype; the arithmetic is float32 (float64 when an input is float64).
+    See the module docstring for the exact formulas.
     """
     _check(w, u, k, v, variant)
-    args = [x.to(torch.float64) for x in (w, u, k, v)]
+    dtype = torch.float32
+    for x in (w, u, k, v):
+        dtype = torch.promote_types(dtype, x.dtype)
+    args = [x.to(dtype) for x in (w, u, k, v)]
     return _chunked_scan(*args, official=variant == "official").to(k.dtype)
