@@ -98,6 +98,13 @@ class _Plan:
     num_warps: int
     interpret: bool
     backward: bool = False
+    # Interpret mode normally loops over a tile's rows (XLA compiles unrolled recurrences very slowly); tests
+    # set this to run the compiled path's unrolled, row-at-a-time code in the interpreter (small tiles only).
+    unrolled: bool = False
+
+    @property
+    def looped(self) -> bool:
+        return self.interpret and not self.unrolled
 
     @property
     def chunk(self) -> int:  # official chunk length n (semantics, not tiling)
@@ -280,7 +287,7 @@ def _loop(plan: _Plan, reverse: bool, body: Callable, carry: Any) -> Any:
     loads issue at once), a ``fori_loop`` in interpret mode (XLA's compile time grows steeply with unrolled
     recurrences)."""
     n = plan.tile
-    if plan.interpret:
+    if plan.looped:
         return lax.fori_loop(0, n, lambda s, c: body(n - 1 - s if reverse else s, c), carry)
     for i in range(n - 1, -1, -1) if reverse else range(n):
         carry = body(i, carry)
@@ -289,19 +296,19 @@ def _loop(plan: _Plan, reverse: bool, body: Callable, carry: Any) -> Any:
 
 def _seq_empty(plan: _Plan, like: Any) -> Any:
     """Per-row storage: a list (unrolled) or arrays with a leading tile axis (looped)."""
-    if plan.interpret:
+    if plan.looped:
         return jax.tree.map(lambda a: jnp.zeros((plan.tile,) + a.shape, a.dtype), like)
     return [None] * plan.tile
 
 
 def _seq_get(plan: _Plan, seq: Any, i: Any) -> Any:
-    if plan.interpret:
+    if plan.looped:
         return jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, i, 0, keepdims=False), seq)
     return seq[i]
 
 
 def _seq_set(plan: _Plan, seq: Any, i: Any, value: Any) -> Any:
-    if plan.interpret:
+    if plan.looped:
         return jax.tree.map(lambda a, x: lax.dynamic_update_index_in_dim(a, x.astype(a.dtype), i, 0), seq, value)
     seq = list(seq)
     seq[i] = value
@@ -435,30 +442,30 @@ class _TileIO:
         return self._blocks[id(ref)]
 
     def get(self, ref, i: Any) -> jax.Array:
-        if self.plan.interpret:
+        if self.plan.looped:
             return lax.dynamic_index_in_dim(self._block(ref), i, 0, keepdims=False)
         return _load(ref, (self.tile0 + i, slice(None)), self.valid(i))
 
     def map(self, fn: Callable, *refs) -> Any:
         """Per-row storage of fn(*(row of each ref), valid), fn elementwise (so it also takes whole blocks)."""
-        if self.plan.interpret:
+        if self.plan.looped:
             return fn(*(self._block(r) for r in refs), self.valid(None))
         return [fn(*(self.get(r, i) for r in refs), self.valid(i)) for i in range(self.plan.tile)]
 
     def outputs(self, names: Sequence[str], like: jax.Array) -> dict | None:
         """Carry for ``put``: output blocks in interpret mode, nothing when compiled (rows stored at once)."""
-        if self.plan.interpret:
+        if self.plan.looped:
             return {n: jnp.zeros((self.plan.tile,) + like.shape, jnp.float32) for n in names}
         return None
 
     def put(self, out: dict | None, refs: dict, name: str, i: Any, value: jax.Array) -> dict | None:
-        if self.plan.interpret:
+        if self.plan.looped:
             return {**out, name: lax.dynamic_update_index_in_dim(out[name], value, i, 0)}
         _store(refs[name], (self.tile0 + i, slice(None)), value, self.valid(i))
         return out
 
     def flush(self, out: dict | None, refs: dict) -> None:
-        if self.plan.interpret:
+        if self.plan.looped:
             for name, block in out.items():
                 _store(refs[name], (pl.ds(self.tile0, self.plan.tile), slice(None)), block, self.valid(None))
 
@@ -466,14 +473,14 @@ class _TileIO:
 def _load_fields(plan: _Plan, ref, j, mask, first: int = 0, count: int | None = None) -> list[jax.Array]:
     """Fields [first, first + count) of tile j's summary row (one (block_c,) row each)."""
     count = plan.num_fields - first if count is None else count
-    if plan.interpret:
+    if plan.looped:
         slab = _load(ref, (j, slice(None), slice(None)), mask[None, :])
         return [slab[f] for f in range(first, first + count)]
     return [_load(ref, (j, f, slice(None)), mask) for f in range(first, first + count)]
 
 
 def _store_fields(plan: _Plan, ref, j, fields: Sequence[jax.Array], mask, first: int = 0) -> None:
-    if plan.interpret and first == 0 and len(fields) == plan.num_fields:
+    if plan.looped and first == 0 and len(fields) == plan.num_fields:
         _store(ref, (j, slice(None), slice(None)), jnp.stack(fields), mask[None, :])
         return
     for f, value in enumerate(fields):
@@ -581,7 +588,7 @@ def _combine_kernel(plan: _Plan, w_ref, summ_ref, inc_ref):
     nf, nseg = plan.fields, len(plan.seg_rates)
     num_tiles = plan.num_tiles
     # Compiled: a group of tiles per step so that their summary loads overlap. Interpret: one (small HLO).
-    group = 1 if plan.interpret else _COMBINE_GROUP
+    group = 1 if plan.looped else _COMBINE_GROUP
     seg_rates, plain_rates = plan.seg_rates, (-1,)
 
     def seg_transfer(j, carry, local):
@@ -798,6 +805,7 @@ def bi_wkv_pallas(
     interpret: bool | None = None,
     block_c: int | None = None,
     chunk_len: int | None = None,
+    _unrolled: bool = False,
 ) -> jax.Array:
     """Bidirectional WKV of k, v (B, T, C) with decay w and bonus u (C,); differentiable in all four.
 
@@ -805,7 +813,8 @@ def bi_wkv_pallas(
     ``interpret``: None = compiled (Triton) on GPU, Pallas interpret mode elsewhere. ``block_c``: channels per
     program (power of two; default min(32, next power of two of C)). ``chunk_len``: tokens per time tile (any
     positive int; default 16 forward, 8 backward); neither changes the result beyond float rounding.
-    Accumulates in float32; float32, bfloat16 and float16 inputs; returns k's dtype.
+    Accumulates in float32; float32, bfloat16 and float16 inputs; returns k's dtype. ``_unrolled`` (tests):
+    in interpret mode, run the compiled path's unrolled row-at-a-time code instead of the row loop.
     """
     if variant not in VARIANTS:
         raise ValueError(f"bi_wkv_pallas: unknown variant {variant!r}; expected one of {VARIANTS}")
@@ -836,7 +845,7 @@ def bi_wkv_pallas(
     if batch == 0 or channels == 0:
         return jnp.zeros(k.shape, k.dtype) + 0.0 * (k + v)  # keeps the gradient path (all zeros)
     common = dict(official=variant == "official", batch=batch, tokens=tokens, channels=channels,
-                  block_c=block_c, num_warps=_num_warps(block_c), interpret=bool(interpret))
+                  block_c=block_c, num_warps=_num_warps(block_c), interpret=bool(interpret), unrolled=_unrolled)
     fplan = _Plan(tile=chunk_len or _DEFAULT_TILE_FORWARD, backward=False, **common)
     bplan = _Plan(tile=chunk_len or _DEFAULT_TILE_BACKWARD, backward=True, **common)
     return _bi_wkv(fplan, bplan, w, u, k, v)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rwkvunet_jax.kernels import bi_wkv as kernel_module
 from rwkvunet_jax.kernels.bi_wkv import bi_wkv_pallas
 from rwkvunet_jax.wkv import bi_wkv, resolve_impl
 
@@ -107,6 +108,18 @@ def test_bfloat16_inputs(variant):
     inputs = [("bf16", make_inputs(6, 2, 19, 12, dtype=jnp.bfloat16))]
     check_against_naive(variant, inputs, rtol=2.0**-7, atol_frac=4e-3, grad_rtol=2e-2, grad_atol_frac=1e-2,
                         chunk_len=4)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_compiled_code_path_in_interpreter(variant, monkeypatch):
+    # The compiled path unrolls a tile's rows, loads/stores one row at a time and has its combine pass read
+    # several tiles per step; interpret mode normally loops instead. Run that exact code in the interpreter
+    # (tiny tiles and 3 tiles per combine step: XLA compiles unrolled recurrences slowly): T = 34 gives 17
+    # tiles of 2, so six combine steps with a masked tail, official chunks of 2 tokens; C = 24 with blocks of 16.
+    monkeypatch.setattr(kernel_module, "_COMBINE_GROUP", 3)
+    inputs = [("unrolled", make_inputs(12, 2, 34, 24, w_range=(-0.3, 0.3), k_scale=8.0))]
+    check_against_naive(variant, inputs, rtol=2e-5, atol_frac=2e-6, grad_rtol=1e-4, grad_atol_frac=1e-5,
+                        block_c=16, chunk_len=2, _unrolled=True)
 
 
 def test_tiling_does_not_change_results():
