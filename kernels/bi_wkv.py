@@ -48,7 +48,14 @@ definition, o_t (the scale of EPS) is held constant for differentiation.
 Lowering: Triton-backed Pallas on GPU (``CompilerParams`` from ``jax.experimental.pallas.triton``; a bare
 ``pallas_call`` would go to Mosaic GPU on jax >= 0.10). Every array inside the kernels is one row of
 ``block_c`` channels (a power of two); time indices are scalars, so T is arbitrary. Channels beyond C and
-tokens beyond T are masked. Elsewhere the kernels run in Pallas interpret mode.
+tokens beyond T are masked. Elsewhere the kernels run in Pallas interpret mode, where a tile's rows run in a
+``fori_loop`` over (tile, block_c) blocks instead of being unrolled (XLA compiles long unrolled recurrences
+very slowly); the per-row arithmetic is the same code, and a test runs the unrolled path interpreted too.
+
+Traffic (forward, per token and channel): k, v are read twice (summary and output passes) and y written
+once, plus 8 (official) or 4 (paper) float32 summary numbers per tile written and read twice; with the
+default 16-token tiles that is about 5.5 array-equivalents against the nominal 3 (k, v, y) in float32, less
+where the second read of k, v hits L2. Not yet measured on a GPU: benchmarks/gpu_check.sh prints the numbers.
 """
 
 from __future__ import annotations
