@@ -53,9 +53,11 @@ tokens beyond T are masked. Elsewhere the kernels run in Pallas interpret mode, 
 very slowly); the per-row arithmetic is the same code, and a test runs the unrolled path interpreted too.
 
 Traffic (forward, per token and channel): k, v are read twice (summary and output passes) and y written
-once, plus 8 (official) or 4 (paper) float32 summary numbers per tile written and read twice; with the
-default 16-token tiles that is about 5.5 array-equivalents against the nominal 3 (k, v, y) in float32, less
-where the second read of k, v hits L2. Not yet measured on a GPU: benchmarks/gpu_check.sh prints the numbers.
+once, plus 8 (official) or 4 (paper) float32 summary numbers per tile, each moved four times (written by
+pass 1, read and written by pass 2, read by pass 3); with the default 16-token tiles that is about 7 float32
+array-equivalents against the nominal 3 (k, v, y), less where the second read of k, v hits L2. Larger
+``chunk_len`` trades summary traffic for registers. Not yet measured on a GPU: benchmarks/gpu_check.sh
+prints the numbers.
 """
 
 from __future__ import annotations
