@@ -25,7 +25,8 @@ PAPER = {"t": 90.92, "s": 91.64, "b": 92.17}
 
 
 def _common():
-    spec = importlib.util.spec_from_file_location("_rwkvunet_configs_common", pathlib.Path(__file__).with_name("common.py"))
+    path = pathlib.Path(__file__).with_name("common.py")
+    spec = importlib.util.spec_from_file_location("_rwkvunet_configs_common", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

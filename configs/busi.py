@@ -1,10 +1,12 @@
-r"""BUSI breast ultrasound (benign, malignant and normal; lesion vs background), the paper's Table 5 (binary segmentation).
+r"""BUSI breast ultrasound (benign, malignant and normal; lesion vs background), the paper's Table 5 (binary
+segmentation).
 
     rwkvunet finetune --config configs/busi.py:b --workdir runs/busi_b \
         --config.data.root=data/BUSI --config.init.encoder=pretrained/net_B.pth
     rwkvunet evaluate --config configs/busi.py:b --checkpoint runs/busi_b
 
-Data: ``{benign,malignant,normal}/<name>.png`` + ``<name>_mask*.png`` (normal included, as in the paper); split 8:1:1 by ``data.split_seed``.
+Data: ``{benign,malignant,normal}/<name>.png`` + ``<name>_mask*.png`` (normal included, as in the paper); split
+8:1:1 by ``data.split_seed``.
 Recipe (paper, Implementation Details): 256x256 RGB, 300 epochs, batch 8, AdamW lr 1e-4 with cosine annealing
 to 1e-5, one sigmoid output with 0.5 BCE + 1 Dice; validation Dice every epoch, the best checkpoint is tested
 (Dice and IoU per image, mean over the test split). Weight decay 1e-2 (not stated; torch AdamW's default).
@@ -22,7 +24,8 @@ PAPER_DICE = {'t': 79.47, 's': 80.92, 'b': 81.92}
 
 
 def _common():
-    spec = importlib.util.spec_from_file_location("_rwkvunet_configs_common", pathlib.Path(__file__).with_name("common.py"))
+    path = pathlib.Path(__file__).with_name("common.py")
+    spec = importlib.util.spec_from_file_location("_rwkvunet_configs_common", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -22,7 +22,8 @@ PAPER_DICE = {'t': 89.56, 's': 91.3, 'b': 92.27}
 
 
 def _common():
-    spec = importlib.util.spec_from_file_location("_rwkvunet_configs_common", pathlib.Path(__file__).with_name("common.py"))
+    path = pathlib.Path(__file__).with_name("common.py")
+    spec = importlib.util.spec_from_file_location("_rwkvunet_configs_common", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

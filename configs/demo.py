@@ -9,7 +9,13 @@ train / val / test images. No pretrained weights exist offline, so the model sta
 Evaluation is per image on the held-out test split (Dice and HD95 per organ, mean over images, then
 organs).
 
-Measured (2-core CPU): see README / ``rwkvunet demo`` output; target mean Dice >= 0.90 in under 10 minutes.
+Recipe: batch 8, 300 steps (10 epochs), AdamW lr 2e-3 with 10 warm-up steps and cosine to 1e-5, 0.5 CE + 0.5 Dice,
+validation every 100 steps, the best checkpoint tested.
+
+Measured on the shared 2-core development machine (jax 0.10.2; other jobs kept the load average at 6-15, so
+wall times there are pessimistic): 300 steps -> held-out mean Dice 0.949 (liver 0.983, kidney 0.913, spleen
+0.951, vessel 0.948) in 8.3 user CPU-minutes; 240 steps -> 0.926 in 6.7 user CPU-minutes. The target is mean
+Dice >= 0.90 in under 10 minutes on an otherwise idle 2-core machine.
 """
 
 import importlib.util
@@ -17,7 +23,8 @@ import pathlib
 
 
 def _common():
-    spec = importlib.util.spec_from_file_location("_rwkvunet_configs_common", pathlib.Path(__file__).with_name("common.py"))
+    path = pathlib.Path(__file__).with_name("common.py")
+    spec = importlib.util.spec_from_file_location("_rwkvunet_configs_common", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -34,7 +41,7 @@ def get_config(arg=None):
         dict(num_train=240, num_val=32, num_test=48, image_size=(64, 64), num_classes=5, seed=0))
     c.batch_size = 8
     c.epochs = 1
-    c.total_steps = 240
+    c.total_steps = 300
     c.seed = 0
     c.optim.lr = 2e-3
     c.optim.min_lr = 1e-5
@@ -44,11 +51,11 @@ def get_config(arg=None):
     c.loss.ce_weight = 0.5
     c.loss.dice_weight = 0.5
     c.log_every_steps = 10
-    c.eval.every_steps = 80
+    c.eval.every_steps = 100
     c.eval.every_epochs = 0.0
     c.eval.batch_size = 16
     c.eval.tta = False
     c.eval.num_overlays = 4
-    c.checkpoint.every_steps = 80
+    c.checkpoint.every_steps = 100
     c.checkpoint.keep = 1
     return c

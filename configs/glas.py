@@ -4,7 +4,8 @@ r"""GlaS gland segmentation (histology), the paper's Table 5 (binary segmentatio
         --config.data.root=data/GlaS --config.init.encoder=pretrained/net_B.pth
     rwkvunet evaluate --config configs/glas.py:b --checkpoint runs/glas_b
 
-Data: ``train_<n>.bmp`` + ``train_<n>_anno.bmp``, ``testA_*``/``testB_*``; official test set, training set split 9:1 into train/val by ``data.split_seed``.
+Data: ``train_<n>.bmp`` + ``train_<n>_anno.bmp``, ``testA_*``/``testB_*``; official test set, training set split
+9:1 into train/val by ``data.split_seed``.
 Recipe (paper, Implementation Details): 256x256 RGB, 300 epochs, batch 8, AdamW lr 1e-4 with cosine annealing
 to 1e-5, one sigmoid output with 0.5 BCE + 1 Dice; validation Dice every epoch, the best checkpoint is tested
 (Dice and IoU per image, mean over the test split). Weight decay 1e-2 (not stated; torch AdamW's default).
@@ -22,7 +23,8 @@ PAPER_DICE = {'t': 91.96, 's': 92.11, 'b': 92.35}
 
 
 def _common():
-    spec = importlib.util.spec_from_file_location("_rwkvunet_configs_common", pathlib.Path(__file__).with_name("common.py"))
+    path = pathlib.Path(__file__).with_name("common.py")
+    spec = importlib.util.spec_from_file_location("_rwkvunet_configs_common", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
