@@ -99,6 +99,11 @@ def soft_targets(labels: jax.Array, num_classes: int, smoothing: float) -> jax.A
     return optax.smooth_labels(jax.nn.one_hot(labels, num_classes, dtype=jnp.float32), smoothing)
 
 
+def _norm(tree: Pytree) -> jax.Array:
+    norm = getattr(getattr(optax, "tree", None), "norm", None)  # optax >= 0.2.6; global_norm is deprecated
+    return norm(tree) if norm is not None else optax.global_norm(tree)
+
+
 # ----------------------------------------------------------------------------- model <-> state
 
 
@@ -272,7 +277,7 @@ def build_steps(
             "ema_params": jax.tree.map(ema, state["ema_params"], params),
             "ema_batch_stats": jax.tree.map(ema, state["ema_batch_stats"], new_stats),
         }
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params)}
+        metrics = {"loss": loss, "grad_norm": _norm(grads), "param_norm": _norm(params)}
         if schedule is not None:
             metrics["lr"] = schedule(step)
         return new_state, metrics
@@ -321,6 +326,9 @@ class _IteratorState:
 
     def set_state(self, state: bytes | str) -> None:
         self.state = json.loads(state)
+
+    def start_prefetch(self) -> None:  # grain's handler calls it after set_state
+        pass
 
 
 def save_checkpoint(manager, steps: PretrainSteps, state: Mapping, data_state: Mapping, meta: Mapping,
@@ -526,6 +534,8 @@ def train_and_evaluate(config, workdir: str | Path) -> RunResult:
                         ema_decay=config.ema_decay, accum_steps=accum, fsdp=config.mesh.fsdp_params,
                         fsdp_min_size=config.mesh.fsdp_min_size, schedule=schedule)
     state = steps.state
+    log.info("%s: %d steps of %d images (%d per process), %d per epoch; mesh %s; state placed",
+             config.model.name, total_steps, global_batch, local_batch, steps_per_epoch, dict(mesh.shape))
 
     # ---- restore
     manager = open_manager(workdir / "checkpoints", max_to_keep=config.checkpoint.keep,
@@ -583,7 +593,7 @@ def train_and_evaluate(config, workdir: str | Path) -> RunResult:
 
     # ---- loop
     preempted = False
-    t_last, step_last = time.perf_counter(), step
+    t_last, step_last, first_step = time.perf_counter(), step, step
     metrics_dev = None
     try:
         while step < total_steps:
@@ -594,6 +604,10 @@ def train_and_evaluate(config, workdir: str | Path) -> RunResult:
                 batch_log.flush()
             state, metrics_dev = steps.train_step(state, shd.host_local_batch_to_global(host_batch, mesh))
             step += 1
+            if step == first_step + 1:  # keep compilation out of the throughput figures
+                jax.block_until_ready(metrics_dev)
+                log.info("first step compiled and ran in %.1f s", time.perf_counter() - t_last)
+                t_last, step_last = time.perf_counter(), step
             if progress is not None:
                 progress.update(1)
             if config.debug.sigterm_at_step and step == config.debug.sigterm_at_step and pid == 0:
@@ -601,7 +615,8 @@ def train_and_evaluate(config, workdir: str | Path) -> RunResult:
             if step % config.log_every_steps == 0 or step == total_steps:
                 metrics = {k: float(v) for k, v in shd.to_host(metrics_dev).items()}
                 now = time.perf_counter()
-                metrics["images_per_second"] = (step - step_last) * global_batch / max(now - t_last, 1e-9)
+                if step > step_last:
+                    metrics["images_per_second"] = (step - step_last) * global_batch / max(now - t_last, 1e-9)
                 metrics["epoch"] = step / steps_per_epoch
                 t_last, step_last = now, step
                 if writer is not None:

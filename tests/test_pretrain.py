@@ -1,0 +1,188 @@
+"""Pretraining recipe pieces (targets, schedule, optimizer) and an exact resume after SIGTERM."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rwkvunet_jax.data.mixup import MixupCutmix, smooth_one_hot
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- targets by hand
+
+
+def test_label_smoothing_targets_by_hand():
+    from rwkvunet_jax.train.pretrain import soft_targets
+
+    # K = 5, eps = 0.1: 1 - 0.1 + 0.02 = 0.92 on the label, 0.1 / 5 = 0.02 elsewhere.
+    expected = np.array([[0.02, 0.02, 0.92, 0.02, 0.02], [0.92, 0.02, 0.02, 0.02, 0.02]], np.float32)
+    np.testing.assert_allclose(smooth_one_hot(np.array([2, 0]), 5, 0.1), expected, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(soft_targets(np.array([2, 0]), 5, 0.1)), expected, atol=1e-7)
+    with pytest.raises(ValueError, match="range"):
+        smooth_one_hot(np.array([5]), 5, 0.1)
+
+
+def _two_colour_batch(size=16):
+    images = np.stack([np.full((size, size, 3), 200, np.uint8), np.full((size, size, 3), 40, np.uint8)])
+    return {"image": images, "label": np.array([1, 3], np.int32)}
+
+
+def test_mixup_blends_images_and_targets_with_the_same_lambda():
+    batch = _two_colour_batch()
+    out = MixupCutmix(4, mixup_alpha=0.8, cutmix_alpha=0.0, prob=1.0, label_smoothing=0.1)(
+        batch, np.random.default_rng(5))
+    # Image 0 is 200 * lam + 40 * (1 - lam), rounded: read lam back from a pixel.
+    lam = (float(out["image"][0, 0, 0, 0]) - 40.0) / 160.0
+    assert np.all(out["image"][0] == out["image"][0, 0, 0, 0])
+    smooth = {1: [0.025, 0.925, 0.025, 0.025], 3: [0.025, 0.025, 0.025, 0.925]}
+    expected0 = lam * np.array(smooth[1]) + (1 - lam) * np.array(smooth[3])
+    np.testing.assert_allclose(out["target"][0], expected0, atol=1 / 160 + 1e-6)
+    np.testing.assert_allclose(out["target"].sum(axis=1), 1.0, atol=1e-6)
+    assert 0.0 < lam < 1.0
+
+
+def test_cutmix_pastes_a_box_and_weights_targets_by_its_area():
+    batch = _two_colour_batch(size=20)
+    out = MixupCutmix(4, mixup_alpha=0.0, cutmix_alpha=1.0, prob=1.0, label_smoothing=0.0)(
+        batch, np.random.default_rng(11))
+    pasted = out["image"][0, :, :, 0] == 40  # pixels that came from image 1
+    area = pasted.mean()
+    assert 0 < area < 1
+    rows, cols = np.nonzero(pasted)  # the pasted region is one axis-aligned box
+    assert pasted[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+    np.testing.assert_allclose(out["target"][0], [0, 1 - area, 0, area], atol=1e-6)
+    np.testing.assert_allclose(out["target"][1], [0, area, 0, 1 - area], atol=1e-6)
+
+
+def test_mixing_with_probability_zero_only_smooths():
+    batch = _two_colour_batch()
+    out = MixupCutmix(4, prob=0.0, label_smoothing=0.1)(batch, np.random.default_rng(0))
+    np.testing.assert_array_equal(out["image"], batch["image"])
+    np.testing.assert_allclose(out["target"], smooth_one_hot(batch["label"], 4, 0.1))
+
+
+# ----------------------------------------------------------------------------- schedule, optimizer
+
+
+def test_schedule_is_linear_warmup_then_cosine_on_the_global_clock():
+    from rwkvunet_jax.train.pretrain import warmup_cosine_schedule
+
+    peak, low, total, warm = 3e-3, 5e-7, 1000, 100
+    schedule = warmup_cosine_schedule(peak_lr=peak, total_steps=total, warmup_steps=warm)
+    for step, expected in [
+        (0, low),
+        (50, low + (peak - low) * 0.5),
+        (100, low + 0.5 * (peak - low) * (1 + math.cos(math.pi * 0.1))),
+        (500, low + 0.5 * (peak - low)),
+        (1000, low),
+        (1200, low),
+    ]:
+        assert float(schedule(step)) == pytest.approx(expected, rel=1e-5, abs=1e-12)
+    with pytest.raises(ValueError):
+        warmup_cosine_schedule(peak_lr=peak, total_steps=10, warmup_steps=10)
+
+
+def test_weight_decay_skips_vectors_and_config_scales_lr_linearly():
+    from rwkvunet_jax.train.pretrain import weight_decay_mask
+
+    mask = weight_decay_mask({"kernel": np.zeros((3, 3, 4, 8)), "bias": np.zeros(8), "spatial_decay": np.zeros(8)})
+    assert mask == {"kernel": True, "bias": False, "spatial_decay": False}
+    from configs.pretrain_imagenet import get_config
+
+    config = get_config("b")
+    assert config.optim.base_lr * config.batch_size / config.optim.base_batch == pytest.approx(3e-3)
+    assert (config.ema_decay, config.label_smoothing, config.optim.clip_norm) == (0.9998, 0.1, 5.0)
+    assert config.mixup.prob == 0.0 and config.model.drop_path_rate == 0.05
+    with pytest.raises(ValueError, match="smoke"):
+        get_config("xl")
+
+
+# ----------------------------------------------------------------------------- resume after SIGTERM
+
+
+def _smoke(total_steps: int, **debug):
+    from configs.pretrain_imagenet import get_config
+
+    config = get_config("smoke")
+    config.total_steps = total_steps
+    config.checkpoint.every_steps = 2
+    config.checkpoint.keep = 5
+    config.eval.enabled = False
+    config.progress_bar = False
+    config.data.fake_train_per_class = 4
+    for key, value in debug.items():
+        setattr(config.debug, key, value)
+    return config
+
+
+def _restored(workdir: Path, step: int):
+    import orbax.checkpoint as ocp
+
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+        model = ckptr.restore(workdir / "checkpoints" / str(step) / "model")
+        optimizer = ckptr.restore(workdir / "checkpoints" / str(step) / "optimizer")
+    return model, optimizer
+
+
+@pytest.fixture
+def compilation_cache(tmp_path):
+    import jax
+
+    previous = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    yield
+    jax.config.update("jax_compilation_cache_dir", previous)
+
+
+def test_sigterm_saves_and_resume_continues_bit_exactly(tmp_path, compilation_cache):
+    import jax
+
+    from rwkvunet_jax.checkpoint import load_model, model_state
+    from rwkvunet_jax.models.registry import create_model
+    from rwkvunet_jax.train.finetune import load_pretrained_encoder
+    from rwkvunet_jax.train.pretrain import train_and_evaluate
+
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    shared_data = tmp_path / "data"
+    for workdir in (straight, broken):
+        workdir.mkdir()
+    # One generated dataset for both runs.
+    first = _smoke(4)
+    first.data.root = str(shared_data)
+    result = train_and_evaluate(first, straight)
+    assert (result.step, result.preempted, result.resumed_from) == (4, False, None)
+
+    killed = _smoke(4, sigterm_at_step=2)
+    killed.data.root = str(shared_data)
+    result = train_and_evaluate(killed, broken)
+    assert (result.step, result.preempted) == (2, True)
+    assert sorted(int(p.name) for p in (broken / "checkpoints").iterdir() if p.name.isdigit()) == [2]
+
+    again = _smoke(4)
+    again.data.root = str(shared_data)
+    result = train_and_evaluate(again, broken)
+    assert (result.step, result.preempted, result.resumed_from) == (4, False, 2)
+
+    for a, b in zip(_restored(straight, 4), _restored(broken, 4)):
+        flat_a, flat_b = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)
+        assert len(flat_a) == len(flat_b) > 10
+        for (path, x), y in zip(flat_a, flat_b):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
+
+    # The exported EMA encoder is a model checkpoint that fine-tuning loads into a segmentation model.
+    encoder = load_model(broken / "encoder_ema")
+    assert encoder.spec.name == "rwkv_unet_encoder_t"
+    seg = create_model("rwkv_unet_t", num_classes=2, in_chans=3, depths=(1, 1, 2, 2), widths=(8, 16, 16, 32))
+    report = load_pretrained_encoder(seg, broken / "encoder_ema")
+    assert "stage4" in report
+    np.testing.assert_array_equal(
+        np.asarray(model_state(seg)["encoder"]["stage4"][1]["att"]["key"]["kernel"]),
+        np.asarray(model_state(encoder)["stage4"][1]["att"]["key"]["kernel"]))
+    shutil.rmtree(shared_data)
