@@ -29,7 +29,8 @@ def test_pixel_ops_match_their_formulas():
     # Posterize at level 5: 4 - int(2) = 2 bits kept.
     np.testing.assert_array_equal(np.asarray(ra.posterize_increasing(img, 5, rng)), x & 0b11000000)
     # SolarizeAdd at level 10: +110 below 128, saturating.
-    np.testing.assert_array_equal(np.asarray(ra.solarize_add(img, 10, rng)), np.where(x < 128, np.minimum(x + 110, 255), x))
+    expected = np.where(x < 128, np.minimum(x + 110, 255), x)
+    np.testing.assert_array_equal(np.asarray(ra.solarize_add(img, 10, rng)), expected)
 
 
 def test_brightness_scales_by_one_plus_or_minus_the_level():

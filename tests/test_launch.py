@@ -26,8 +26,8 @@ LAUNCHER = REPO / "launch" / "local_multiprocess.sh"
 def _command(workdir: Path, total_steps: int) -> list[str]:
     script = Path(sys.executable).with_name("rwkvunet")
     entry = [str(script)] if script.exists() else [sys.executable, "-m", "rwkvunet_jax"]
-    return ["bash", str(LAUNCHER), "2", *entry, "pretrain", "--config", str(REPO / "configs/pretrain_imagenet.py:smoke"),
-            "--workdir", str(workdir), f"--config.total_steps={total_steps}", "--config.checkpoint.every_steps=2",
+    config = str(REPO / "configs/pretrain_imagenet.py:smoke")
+    return ["bash", str(LAUNCHER), "2", *entry, "pretrain", "--config", config, "--workdir", str(workdir), f"--config.total_steps={total_steps}", "--config.checkpoint.every_steps=2",
             "--config.eval.enabled=False", "--config.progress_bar=False", "--config.debug.log_batches=True",
             "--config.data.fake_train_per_class=4", "--config.checkpoint.keep=10"]
 
@@ -81,11 +81,11 @@ def test_two_processes_train_get_preempted_and_resume_at_the_same_batch(tmp_path
     assert f"done at step {saved + 2} (resumed from {saved})" in out2
 
     # What an uninterrupted pipeline yields at steps 0 .. saved + 1, per process.
-    from configs.pretrain_imagenet import get_config
     from rwkvunet_jax.data import imagenet
+    from rwkvunet_jax.train.cli_config import parse_config_argv
     from rwkvunet_jax.train.pretrain import _batch_fingerprint
 
-    config = get_config("smoke")
+    config, _ = parse_config_argv([f"--config={REPO / 'configs/pretrain_imagenet.py'}:smoke"], prog="test")
     source = imagenet.ImageFolderSource(workdir / "fake_imagefolder" / "train")
     aug = config.aug
     transform = dict(randaugment=aug.randaugment, color_jitter=aug.color_jitter, hflip=aug.hflip,

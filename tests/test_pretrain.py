@@ -14,6 +14,16 @@ from rwkvunet_jax.data.mixup import MixupCutmix, smooth_one_hot
 REPO = Path(__file__).resolve().parents[1]
 
 
+def get_config(arg: str):
+    """configs/pretrain_imagenet.py:<arg>, loaded from its file (as the command line does)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pretrain_imagenet_config", REPO / "configs" / "pretrain_imagenet.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
 # ----------------------------------------------------------------------------- targets by hand
 
 
@@ -93,8 +103,6 @@ def test_weight_decay_skips_vectors_and_config_scales_lr_linearly():
 
     mask = weight_decay_mask({"kernel": np.zeros((3, 3, 4, 8)), "bias": np.zeros(8), "spatial_decay": np.zeros(8)})
     assert mask == {"kernel": True, "bias": False, "spatial_decay": False}
-    from configs.pretrain_imagenet import get_config
-
     config = get_config("b")
     assert config.optim.base_lr * config.batch_size / config.optim.base_batch == pytest.approx(3e-3)
     assert (config.ema_decay, config.label_smoothing, config.optim.clip_norm) == (0.9998, 0.1, 5.0)
@@ -103,12 +111,21 @@ def test_weight_decay_skips_vectors_and_config_scales_lr_linearly():
         get_config("xl")
 
 
+def test_command_rejects_bad_arguments_with_status_2(capsys):
+    from rwkvunet_jax.commands.pretrain import main
+
+    config = f"{REPO / 'configs' / 'pretrain_imagenet.py'}:smoke"
+    assert main(["--config", config]) == 2
+    assert "--workdir" in capsys.readouterr().err
+    assert main(["--config", config, "--workdir", "x", "--config.no_such_field=1"]) == 2
+    assert main(["--config", f"{REPO / 'configs' / 'pretrain_imagenet.py'}:huge", "--workdir", "x"]) == 2
+    assert main(["--help"]) == 0
+
+
 # ----------------------------------------------------------------------------- resume after SIGTERM
 
 
 def _smoke(total_steps: int, **debug):
-    from configs.pretrain_imagenet import get_config
-
     config = get_config("smoke")
     config.total_steps = total_steps
     config.checkpoint.every_steps = 2

@@ -12,16 +12,12 @@ from __future__ import annotations
 import logging
 import sys
 
-from rwkvunet_jax.train.pretrain import PREEMPTED_EXIT_CODE
+PREEMPTED_EXIT_CODE = 75  # == rwkvunet_jax.train.pretrain.PREEMPTED_EXIT_CODE (not imported: it pulls in JAX)
 
 
-def _define_flags():
+def _define_flags(fv) -> None:
     from absl import flags
-    from ml_collections import config_flags
 
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "configs/pretrain_imagenet.py:<t|s|b|smoke>", flag_values=fv,
-                                    lock_config=True)
     flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, exported encoders)", flag_values=fv)
     flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                       "join jax.distributed: auto = when the environment or the flags below describe several "
@@ -31,27 +27,25 @@ def _define_flags():
     flags.DEFINE_integer("num_processes", None, "number of processes", flag_values=fv)
     flags.DEFINE_integer("process_id", None, "this process's index", flag_values=fv)
     flags.DEFINE_string("cpu_collectives", "gloo", "collectives of CPU-only processes", flag_values=fv)
-    return fv
 
 
 def main(argv: list[str]) -> int:
-    from absl import flags
+    from rwkvunet_jax.train.cli_config import parse_config_argv, wants_help
 
-    fv = _define_flags()
-    if any(a in ("-h", "--help", "--helpfull") for a in argv):
+    if wants_help(argv):
         print(__doc__)
-        print(fv.main_module_help() if hasattr(fv, "main_module_help") else fv)
         return 0
     try:
-        fv(["rwkvunet pretrain", *argv])
-    except flags.Error as err:
-        print(f"rwkvunet pretrain: {err}", file=sys.stderr)
+        config, fv = parse_config_argv(argv, prog="rwkvunet pretrain", define_extra=_define_flags)
+    except ValueError as err:
+        print(err, file=sys.stderr)
         return 2
-    if fv.config is None or not fv.workdir:
-        print("rwkvunet pretrain: --config and --workdir are required "
-              "(e.g. --config configs/pretrain_imagenet.py:smoke --workdir runs/smoke)", file=sys.stderr)
+    if not fv.workdir:
+        print("rwkvunet pretrain: --workdir is required (e.g. --workdir runs/smoke)", file=sys.stderr)
         return 2
     # grain's worker processes look at the global absl flags; ours live in a private FlagValues.
+    from absl import flags
+
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 
@@ -69,7 +63,7 @@ def main(argv: list[str]) -> int:
     logging.getLogger("absl").setLevel(logging.WARNING)
     from rwkvunet_jax.train.pretrain import train_and_evaluate
 
-    result = train_and_evaluate(fv.config, fv.workdir)
+    result = train_and_evaluate(config, fv.workdir)
     if jax.process_index() == 0:
         status = "preempted" if result.preempted else "done"
         print(f"rwkvunet pretrain: {status} at step {result.step}"
