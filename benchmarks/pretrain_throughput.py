@@ -105,10 +105,11 @@ def main() -> None:
           f"jax {jax.__version__}")
     if not args.pipeline_only:
         print(f"\ntrain step (AdamW, EMA, label smoothing; accum {args.accum}, fsdp {args.fsdp})")
-        print(f"{'size':>4} {'batch':>6} {'image':>5} {'dtype':>9} {'compile+warmup s':>17} {'step s':>8} {'images/s':>9}")
+        print(f"{'size':>4} {'batch':>6} {'image':>5} {'dtype':>9} {'compile+warmup s':>17} {'step s':>8} "
+              f"{'images/s':>9}")
         for size in args.sizes:
-            r = time_train_step(size, batch=batch, image_size=args.image_size, timed=max(1, args.steps), warmup=args.warmup,
-                                dtype=args.dtype, accum=args.accum, fsdp=args.fsdp)
+            r = time_train_step(size, batch=batch, image_size=args.image_size, timed=max(1, args.steps),
+                                warmup=args.warmup, dtype=args.dtype, accum=args.accum, fsdp=args.fsdp)
             print(f"{r['size']:>4} {r['batch']:>6} {r['image']:>5} {r['dtype']:>9} {r['warmup_s']:>17.1f} "
                   f"{r['step_s']:>8.3f} {r['images_per_s']:>9.1f}", flush=True)
     if not args.step_only:

@@ -27,7 +27,8 @@ def _command(workdir: Path, total_steps: int) -> list[str]:
     script = Path(sys.executable).with_name("rwkvunet")
     entry = [str(script)] if script.exists() else [sys.executable, "-m", "rwkvunet_jax"]
     config = str(REPO / "configs/pretrain_imagenet.py:smoke")
-    return ["bash", str(LAUNCHER), "2", *entry, "pretrain", "--config", config, "--workdir", str(workdir), f"--config.total_steps={total_steps}", "--config.checkpoint.every_steps=2",
+    return ["bash", str(LAUNCHER), "2", *entry, "pretrain", "--config", config, "--workdir", str(workdir),
+            f"--config.total_steps={total_steps}", "--config.checkpoint.every_steps=2",
             "--config.eval.enabled=False", "--config.progress_bar=False", "--config.debug.log_batches=True",
             "--config.data.fake_train_per_class=4", "--config.checkpoint.keep=10"]
 
