@@ -12,10 +12,10 @@ organs).
 Recipe: batch 8, 300 steps (10 epochs), AdamW lr 2e-3 with 10 warm-up steps and cosine to 1e-5, 0.5 CE + 0.5 Dice,
 validation every 100 steps, the best checkpoint tested.
 
-Measured on the shared 2-core development machine (jax 0.10.2; other jobs kept the load average at 6-15, so
-wall times there are pessimistic): 300 steps -> held-out mean Dice 0.949 (liver 0.983, kidney 0.913, spleen
-0.951, vessel 0.948) in 8.3 user CPU-minutes; 240 steps -> 0.926 in 6.7 user CPU-minutes. The target is mean
-Dice >= 0.90 in under 10 minutes on an otherwise idle 2-core machine.
+Measured on the shared 2-core development machine (jax 0.10.2; other jobs kept the load average at 5-15, so
+wall times there are pessimistic): 300 steps -> held-out mean Dice 0.943 (liver 0.984, kidney 0.899, spleen
+0.941, vessel 0.949) in 10.7 min wall at load ~5, 8.0 user CPU-minutes (an earlier run of the same recipe: 0.949);
+240 steps -> 0.926. The target is mean Dice >= 0.90 in under 10 minutes on an otherwise idle 2-core machine.
 """
 
 import importlib.util
