@@ -1,7 +1,6 @@
 """``rwkvunet predict`` on fixture files of every supported format, against a reference written out with
 scipy/PIL/nibabel (resize in, model, argmax, nearest resize back) using the same checkpoint."""
 
-from pathlib import Path
 
 import jax
 import numpy as np
