@@ -239,3 +239,24 @@ def test_flops_follow_the_paper_convention(name, num_classes, in_chans, size, th
         # The paper also charges the CCM's F.interpolate calls, which thop cannot see.
         assert thop_gmacs < total <= paper_gflops * 1.001
         assert total == pytest.approx(paper_gflops, rel=0.01)
+
+
+@pytest.mark.parametrize("channels,kernel,height,width", [(6, 5, 16, 12), (4, 3, 8, 8)])
+def test_strided_depthwise_cpu_path_equals_lax_conv(channels, kernel, height, width):
+    # On CPU, strided depth-wise convs run as sums of strided slices (faster gradients); they must be
+    # the same function as lax's grouped convolution, values and gradients.
+    conv = layers.Conv2d(channels, channels, kernel, stride=2, groups=channels, rngs=nnx.Rngs(0))
+    assert conv._use_shifted_depthwise() == (jax.default_backend() == "cpu")
+    x = jax.random.normal(jax.random.key(7), (2, height, width, channels))
+
+    graphdef, state = nnx.split(conv)
+
+    def loss(state, x, via_lax):
+        module = nnx.merge(graphdef, state)
+        y = nnx.Conv.__call__(module, x) if via_lax else module._shifted_depthwise(x)
+        return jnp.sum(jnp.sin(y))
+
+    ours = jax.value_and_grad(loss, argnums=(0, 1))(state, x, False)
+    ref = jax.value_and_grad(loss, argnums=(0, 1))(state, x, True)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
