@@ -58,11 +58,6 @@ class TorchTensor:
             parts[-1] = _JAX_LEAF[self.kind]
         return tuple(parts)
 
-    @property
-    def jax_shape(self) -> tuple[int, ...]:
-        """The shape of the matching Flax variable."""
-        return tuple(to_jax_layout(np.empty(self.shape, np.float32), self.kind).shape)
-
 
 def to_jax_layout(value: np.ndarray, kind: str) -> np.ndarray:
     """A PyTorch-layout array of the given kind in Flax layout (a view where possible)."""
