@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import abc
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -188,36 +188,34 @@ class SliceSource(abc.ABC):
                 f"split={self.split!r}{seed}, n={len(self)})")
 
 
-class NpzSliceSource(SliceSource):
+class FileSliceSource(SliceSource):
+    """One file per 2-D example, read by the subclass's ``read`` function."""
+
+    read: Callable[[Path], tuple[np.ndarray, np.ndarray]]
+
+    def __init__(self, dataset: str, root: Path, split: str, files: Sequence[Path]):
+        self.dataset, self.root, self.split = dataset, Path(root), split
+        self.files = [Path(f) for f in files]
+        self._ids = [f.stem for f in self.files]
+
+    @property
+    def ids(self) -> list[str]:
+        return self._ids
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        return type(self).read(self.files[index])
+
+
+class NpzSliceSource(FileSliceSource):
     """TransUNet-style 2-D slices: one ``<name>.npz`` (image, label) per list entry."""
 
-    def __init__(self, dataset: str, root: Path, split: str, files: Sequence[Path]):
-        self.dataset, self.root, self.split = dataset, Path(root), split
-        self.files = [Path(f) for f in files]
-        self._ids = [f.stem for f in self.files]
-
-    @property
-    def ids(self) -> list[str]:
-        return self._ids
-
-    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        return read_npz_slice(self.files[index])
+    read = staticmethod(read_npz_slice)
 
 
-class H5SliceSource(SliceSource):
+class H5SliceSource(FileSliceSource):
     """2-D h5 slices (SSL4MIS ACDC ``*_slice_Z.h5``): one file per example."""
 
-    def __init__(self, dataset: str, root: Path, split: str, files: Sequence[Path]):
-        self.dataset, self.root, self.split = dataset, Path(root), split
-        self.files = [Path(f) for f in files]
-        self._ids = [f.stem for f in self.files]
-
-    @property
-    def ids(self) -> list[str]:
-        return self._ids
-
-    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        return read_h5(self.files[index])
+    read = staticmethod(read_h5)
 
 
 class VolumeSliceSource(SliceSource):
