@@ -8,7 +8,7 @@ import numpy as np
 from flax import nnx
 
 from rwkvunet_jax.models.blocks import InvertedResidual
-from rwkvunet_jax.models.layers import HeadLinear, LayerNorm2d
+from rwkvunet_jax.models.layers import LayerNorm2d, Linear, trunc_normal_002
 from rwkvunet_jax.models.spec import ModelSpec
 
 # Per stage (1-4): block input norm, whether IR-RWKV blocks (attention) are used.
@@ -104,7 +104,8 @@ class EncoderClassifier(Encoder):
     def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs):
         super().__init__(spec, rngs=rngs)
         self.norm = LayerNorm2d(spec.widths[-1], dtype=spec.compute_dtype, rngs=rngs)
-        self.head = HeadLinear(spec.widths[-1], spec.num_classes, rngs=rngs)
+        # The official encoder init: trunc-normal(0.02) weight, zero bias.
+        self.head = Linear(spec.widths[-1], spec.num_classes, use_bias=True, kernel_init=trunc_normal_002, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Class logits (B, num_classes), float32."""

@@ -110,13 +110,14 @@ class Conv2d(nnx.Conv):
 
 
 class Linear(nnx.Linear):
-    """Linear layer without bias (every linear of RWKV-UNet has none); counts its MACs."""
+    """Linear layer (no bias unless asked: only the classifier head has one); counts its MACs."""
 
     def __init__(
         self,
         in_features: int,
         out_features: int,
         *,
+        use_bias: bool = False,
         kernel_init: Callable = torch_default_kernel_init,
         dtype: Dtype = None,
         rngs: nnx.Rngs,
@@ -124,29 +125,10 @@ class Linear(nnx.Linear):
         super().__init__(
             in_features,
             out_features,
-            use_bias=False,
+            use_bias=use_bias,
             kernel_init=kernel_init,
-            dtype=dtype,
-            param_dtype=jnp.float32,
-            rngs=rngs,
-        )
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = super().__call__(x)
-        flops.record("linear", math.prod(y.shape) * self.in_features)
-        return y
-
-
-class HeadLinear(nnx.Linear):
-    """The classifier head: a linear layer with bias, trunc-normal(0.02) weights, zero bias."""
-
-    def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs):
-        super().__init__(
-            in_features,
-            out_features,
-            use_bias=True,
-            kernel_init=trunc_normal_002,
             bias_init=nnx.initializers.zeros_init(),
+            dtype=dtype,
             param_dtype=jnp.float32,
             rngs=rngs,
         )
