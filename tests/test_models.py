@@ -10,6 +10,7 @@ from flax import nnx
 
 import rwkvunet_jax
 from rwkvunet_jax.models import layers
+from rwkvunet_jax.models.depthwise import depthwise_conv2d
 from rwkvunet_jax.models.summary import model_macs, param_count
 
 TINY = dict(depths=(1, 1, 2, 2), widths=(8, 16, 16, 32))
@@ -241,22 +242,55 @@ def test_flops_follow_the_paper_convention(name, num_classes, in_chans, size, th
         assert total == pytest.approx(paper_gflops, rel=0.01)
 
 
-@pytest.mark.parametrize("channels,kernel,height,width", [(6, 5, 16, 12), (4, 3, 8, 8)])
-def test_strided_depthwise_cpu_path_equals_lax_conv(channels, kernel, height, width):
-    # On CPU, strided depth-wise convs run as sums of strided slices (faster gradients); they must be
-    # the same function as lax's grouped convolution, values and gradients.
-    conv = layers.Conv2d(channels, channels, kernel, stride=2, groups=channels, rngs=nnx.Rngs(0))
-    assert conv._use_shifted_depthwise() == (jax.default_backend() == "cpu")
+@pytest.mark.parametrize(
+    "channels,kernel,stride,height,width",
+    [(6, 5, 2, 16, 12), (4, 3, 2, 8, 8), (5, 9, 1, 12, 8), (3, 5, 1, 7, 9), (4, 5, 2, 9, 11), (2, 3, 1, 1, 1)],
+)
+def test_cpu_depthwise_path_equals_lax_conv(channels, kernel, stride, height, width):
+    # On CPU, depth-wise convs run as shifted-slice sums with a hand-written gradient; they must be the same
+    # function as lax's grouped convolution (the independent reference), values and both gradients, also for
+    # odd sizes where the stride leaves rows of the padding unused.
+    conv = layers.Conv2d(channels, channels, kernel, stride=stride, groups=channels, use_bias=True, rngs=nnx.Rngs(0))
+    assert conv._use_cpu_depthwise() == (jax.default_backend() == "cpu")
     x = jax.random.normal(jax.random.key(7), (2, height, width, channels))
 
     graphdef, state = nnx.split(conv)
 
     def loss(state, x, via_lax):
         module = nnx.merge(graphdef, state)
-        y = nnx.Conv.__call__(module, x) if via_lax else module._shifted_depthwise(x)
-        return jnp.sum(jnp.sin(y))
+        y = nnx.Conv.__call__(module, x) if via_lax else module._cpu_depthwise(x)
+        return jnp.sum(jnp.sin(3.0 * y))
 
-    ours = jax.value_and_grad(loss, argnums=(0, 1))(state, x, False)
+    ours = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)(state, x, False)
     ref = jax.value_and_grad(loss, argnums=(0, 1))(state, x, True)
-    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_depthwise_bfloat16_accumulates_in_float32():
+    x = jax.random.normal(jax.random.key(1), (1, 16, 16, 8))
+    kernel = jax.random.normal(jax.random.key(2), (9, 9, 8)) * 0.1
+    exact = depthwise_conv2d(x, kernel, 1, ((4, 4), (4, 4)))
+    half = depthwise_conv2d(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), 1, ((4, 4), (4, 4)))
+    assert half.dtype == jnp.bfloat16
+    # Inputs rounded to bf16 (2^-9 relative) and one final rounding; summing 81 bf16 terms in bf16 would be worse.
+    np.testing.assert_allclose(np.asarray(half, np.float32), np.asarray(exact), rtol=0.03, atol=0.03)
+    with pytest.raises(ValueError, match="kernel"):
+        depthwise_conv2d(x, kernel[..., :4], 1, ((4, 4), (4, 4)))
+
+
+def test_pointwise_conv_equals_lax_conv():
+    conv = layers.Conv2d(6, 5, 1, use_bias=True, rngs=nnx.Rngs(0))
+    assert conv._is_pointwise()
+    x = jax.random.normal(jax.random.key(3), (2, 8, 6, 6))
+    graphdef, state = nnx.split(conv)
+
+    def loss(state, via_lax):
+        module = nnx.merge(graphdef, state)
+        y = nnx.Conv.__call__(module, x) if via_lax else module._pointwise(x)
+        return jnp.sum(jnp.cos(y))
+
+    ours = jax.value_and_grad(loss)(state, False)
+    ref = jax.value_and_grad(loss)(state, True)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)

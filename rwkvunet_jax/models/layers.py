@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rwkvunet_jax.models import flops
+from rwkvunet_jax.models.depthwise import depthwise_conv2d
 
 Dtype = jnp.dtype | None
 
@@ -72,41 +73,43 @@ class Conv2d(nnx.Conv):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self._use_shifted_depthwise():
-            y = self._shifted_depthwise(x)
+        if self._use_cpu_depthwise():
+            y = self._cpu_depthwise(x)
+        elif self._is_pointwise():
+            y = self._pointwise(x)
         else:
             y = super().__call__(x)
         kh, kw = self.kernel_size
         flops.record("conv", math.prod(y.shape) * (self.in_features // self.feature_group_count) * kh * kw)
         return y
 
-    def _use_shifted_depthwise(self) -> bool:
-        # XLA:CPU lowers the input gradient of a strided grouped convolution to a slow generic loop
-        # (8-13x slower than the same sum of strided slices; benchmarks/depthwise_grad_cpu.py), and the
-        # stride-2 depth-wise convs dominate CPU training steps. Other backends keep lax.conv.
+    def _use_cpu_depthwise(self) -> bool:
+        # XLA:CPU runs one-channel-per-group convolutions and their gradients through generic code, 10-40x
+        # slower than shifted-slice sums (benchmarks/depthwise_grad_cpu.py); they dominated CPU training.
+        # GPUs and TPUs have real depth-wise kernels and keep lax.conv.
         depthwise = self.feature_group_count == self.in_features == self.out_features
-        return depthwise and self.strides != (1, 1) and jax.default_backend() == "cpu"
+        return depthwise and jax.default_backend() == "cpu"
 
-    def _shifted_depthwise(self, x: jax.Array) -> jax.Array:
-        """The same depth-wise convolution as a sum of kh*kw strided slices of the padded input."""
+    def _is_pointwise(self) -> bool:
+        return self.kernel_size == (1, 1) and self.strides == (1, 1) and self.feature_group_count == 1
+
+    def _operands(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array | None]:
         dtype = self.dtype or jnp.result_type(x, self.kernel[...])
-        x = x.astype(dtype)
-        kernel = self.kernel[...].astype(dtype)
-        (pt, pb), (pl, pr) = self.padding
-        sh, sw = self.strides
-        kh, kw = self.kernel_size
-        x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-        out_h = (x.shape[1] - kh) // sh + 1
-        out_w = (x.shape[2] - kw) // sw + 1
-        y = None
-        for a in range(kh):
-            for b in range(kw):
-                window = x[:, a:a + sh * (out_h - 1) + 1:sh, b:b + sw * (out_w - 1) + 1:sw, :]
-                term = window * kernel[a, b, 0]
-                y = term if y is None else y + term
-        if self.bias is not None:
-            y = y + self.bias[...].astype(dtype)
-        return y
+        bias = None if self.bias is None else self.bias[...].astype(dtype)
+        return x.astype(dtype), self.kernel[...].astype(dtype), bias
+
+    def _cpu_depthwise(self, x: jax.Array) -> jax.Array:
+        """The depth-wise convolution as shifted-slice sums (:mod:`rwkvunet_jax.models.depthwise`)."""
+        x, kernel, bias = self._operands(x)
+        y = depthwise_conv2d(x, kernel[:, :, 0, :], self.strides[0], self.padding)
+        return y if bias is None else y + bias
+
+    def _pointwise(self, x: jax.Array) -> jax.Array:
+        """A 1x1 convolution as a matrix product over channels (XLA:CPU turns the kernel gradient of a
+        1x1 lax.conv into a convolution with an image-sized window; a dot is the same on every backend)."""
+        x, kernel, bias = self._operands(x)
+        y = jnp.dot(x, kernel[0, 0])
+        return y if bias is None else y + bias
 
 
 class Linear(nnx.Linear):
