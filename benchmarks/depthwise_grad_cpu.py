@@ -61,9 +61,9 @@ def _jax_times(impl, x, kernel, stride, probe, repeats):
 def _torch_times(x, kernel, stride, probe, repeats):
     import torch
 
-    x_t = torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2).contiguous().requires_grad_(True)
-    w_t = torch.from_numpy(np.asarray(kernel)).permute(2, 0, 1)[:, None].contiguous().requires_grad_(True)
-    probe_t = torch.from_numpy(np.asarray(probe)).permute(0, 3, 1, 2).contiguous()
+    x_t = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).contiguous().requires_grad_(True)
+    w_t = torch.from_numpy(np.array(kernel)).permute(2, 0, 1)[:, None].contiguous().requires_grad_(True)
+    probe_t = torch.from_numpy(np.array(probe)).permute(0, 3, 1, 2).contiguous()
     pad = _padding(kernel.shape[0], stride)
 
     def forward():
