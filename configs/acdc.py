@@ -18,22 +18,17 @@ and tested, as the official trainer does.
 Paper (mean DSC %): RWKV-UNet (b) 92.17, -S 91.64, -T 90.92.
 """
 
-import importlib.util
 import pathlib
+import runpy
+import types
+
+# configs/ is not a package and never imports the library: load the shared helpers from the file next to this one.
+common = types.SimpleNamespace(**runpy.run_path(str(pathlib.Path(__file__).with_name("common.py"))))
 
 PAPER = {"t": 90.92, "s": 91.64, "b": 92.17}
 
 
-def _common():
-    path = pathlib.Path(__file__).with_name("common.py")
-    spec = importlib.util.spec_from_file_location("_rwkvunet_configs_common", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def get_config(arg=None):
-    common = _common()
     size, official = common.parse_arg(arg)
     c = common.base_config(dataset="acdc", size=size, root="data/ACDC", num_classes=4, in_chans=1,
                            image_size=(224, 224), augment="acdc", protocol="volume",

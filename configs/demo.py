@@ -18,20 +18,15 @@ wall times there are pessimistic): 300 steps -> held-out mean Dice 0.943 (liver 
 240 steps -> 0.926. The target is mean Dice >= 0.90 in under 10 minutes on an otherwise idle 2-core machine.
 """
 
-import importlib.util
 import pathlib
+import runpy
+import types
 
-
-def _common():
-    path = pathlib.Path(__file__).with_name("common.py")
-    spec = importlib.util.spec_from_file_location("_rwkvunet_configs_common", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# configs/ is not a package and never imports the library: load the shared helpers from the file next to this one.
+common = types.SimpleNamespace(**runpy.run_path(str(pathlib.Path(__file__).with_name("common.py"))))
 
 
 def get_config(arg=None):
-    common = _common()
     size, _ = common.parse_arg(arg or "t")
     c = common.base_config(dataset="phantom", size=size, root="runs/demo/data", num_classes=5, in_chans=1,
                            image_size=(64, 64), augment="synapse", protocol="image",

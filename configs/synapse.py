@@ -16,8 +16,12 @@ lr = 1e-3 (1 - it / max_it)^0.9 (``optim.schedule="poly"``) and no TTA.
 Paper (mean DSC % / HD95 mm): RWKV-UNet (b) 84.02 / 15.70, -S 82.20 / 21.16, -T 81.58 / 17.83.
 """
 
-import importlib.util
 import pathlib
+import runpy
+import types
+
+# configs/ is not a package and never imports the library: load the shared helpers from the file next to this one.
+common = types.SimpleNamespace(**runpy.run_path(str(pathlib.Path(__file__).with_name("common.py"))))
 
 PAPER = {"t": (81.58, 17.83), "s": (82.20, 21.16), "b": (84.02, 15.70)}
 # TransUNet's label order.
@@ -25,16 +29,7 @@ CLASS_NAMES = ("background", "aorta", "gallbladder", "kidney_left", "kidney_righ
                "stomach")
 
 
-def _common():
-    path = pathlib.Path(__file__).with_name("common.py")
-    spec = importlib.util.spec_from_file_location("_rwkvunet_configs_common", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def get_config(arg=None):
-    common = _common()
     size, official = common.parse_arg(arg)
     c = common.base_config(dataset="synapse", size=size, root="data/Synapse", num_classes=9, in_chans=1,
                            image_size=(224, 224), augment="synapse", protocol="volume",
