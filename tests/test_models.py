@@ -268,15 +268,17 @@ def test_cpu_depthwise_path_equals_lax_conv(channels, kernel, stride, height, wi
 
 
 def test_cpu_depthwise_bfloat16_accumulates_in_float32():
-    x = jax.random.normal(jax.random.key(1), (1, 16, 16, 8))
-    kernel = jax.random.normal(jax.random.key(2), (9, 9, 8)) * 0.1
-    exact = depthwise_conv2d(x, kernel, 1, ((4, 4), (4, 4)))
-    half = depthwise_conv2d(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), 1, ((4, 4), (4, 4)))
+    x = jax.random.normal(jax.random.key(1), (1, 16, 16, 8)).astype(jnp.bfloat16)
+    kernel = (jax.random.normal(jax.random.key(2), (9, 9, 8)) * 0.1).astype(jnp.bfloat16)
+    pads = ((4, 4), (4, 4))
+    half = depthwise_conv2d(x, kernel, 1, pads)
     assert half.dtype == jnp.bfloat16
-    # Inputs rounded to bf16 (2^-9 relative) and one final rounding; summing 81 bf16 terms in bf16 would be worse.
-    np.testing.assert_allclose(np.asarray(half, np.float32), np.asarray(exact), rtol=0.03, atol=0.03)
+    # The same bf16 inputs summed in float32, rounded once: within half a bf16 ulp (2^-9 relative). Summing the
+    # 81 products in bf16 would be off by many ulps.
+    exact = depthwise_conv2d(x.astype(jnp.float32), kernel.astype(jnp.float32), 1, pads)
+    np.testing.assert_allclose(np.asarray(half, np.float32), np.asarray(exact), rtol=2.0**-8, atol=1e-6)
     with pytest.raises(ValueError, match="kernel"):
-        depthwise_conv2d(x, kernel[..., :4], 1, ((4, 4), (4, 4)))
+        depthwise_conv2d(x, kernel[..., :4], 1, pads)
 
 
 def test_pointwise_conv_equals_lax_conv():
