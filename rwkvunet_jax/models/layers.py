@@ -84,7 +84,7 @@ class Conv2d(nnx.Conv):
         return y
 
     def _use_cpu_depthwise(self) -> bool:
-        # XLA:CPU runs one-channel-per-group convolutions and their gradients through generic code, 10-40x
+        # XLA:CPU runs one-channel-per-group convolutions and their gradients through generic code, 5-56x
         # slower than shifted-slice sums (benchmarks/depthwise_grad_cpu.py); they dominated CPU training.
         # GPUs and TPUs have real depth-wise kernels and keep lax.conv.
         depthwise = self.feature_group_count == self.in_features == self.out_features
