@@ -14,6 +14,7 @@ when it is not installed). "grad" is the gradient of a scalar loss with respect 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import time
 
 import jax
@@ -91,12 +92,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    try:
-        import torch  # noqa: F401
-
-        have_torch = True
-    except ImportError:
-        have_torch = False
+    have_torch = importlib.util.find_spec("torch") is not None
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, batch {args.batch}, ms per call (best of "
           f"{args.repeats}); speed-up = other / ours")
     header = f"{'HxW, C, k, stride':<22}{'lax fwd':>9}{'ours fwd':>9}{'lax grad':>9}{'ours grad':>10}{'vs lax':>13}"

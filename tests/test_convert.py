@@ -29,22 +29,10 @@ from test_convert_fixtures import (  # noqa: E402
     TINY,
     check_against_reference,
     layout_lines,
+    params_and_stats,
     random_jax_model,
     randomize_torch_model,
 )
-
-def _flat(model) -> dict[tuple, np.ndarray]:
-    out = {}
-
-    def walk(node, prefix):
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, prefix + (k,))
-        else:
-            out[prefix] = np.asarray(node)
-
-    walk(nnx.to_pure_dict(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))), ())
-    return out
 
 
 def _torch_logits(module, x_nhwc: np.ndarray) -> np.ndarray:
@@ -67,7 +55,7 @@ def test_real_models_export_official_layout_and_round_trip(name, num_classes, in
     other = random_jax_model(name, num_classes=num_classes, in_chans=in_chans, seed=2)
     report = load_torch_state_dict(other, module.state_dict(), strict=True)
     assert not report.missing and not report.unexpected
-    a, b = _flat(model), _flat(other)
+    a, b = params_and_stats(model), params_and_stats(other)
     assert a.keys() == b.keys()
     for path in a:
         assert a[path].dtype == b[path].dtype and np.array_equal(a[path], b[path]), path
@@ -154,7 +142,7 @@ def _fresh_tiny_seg(seed=8):
 
 
 def _assert_same(a, b):
-    fa, fb = _flat(a), _flat(b)
+    fa, fb = params_and_stats(a), params_and_stats(b)
     assert fa.keys() == fb.keys()
     assert all(np.array_equal(fa[p], fb[p]) for p in fa)
 
@@ -239,7 +227,7 @@ def test_encoder_file_into_segmentation_model():
     untouched = np.asarray(seg.ccm.channel.value.kernel[...]).copy()
     report = load_torch_encoder(seg, {"state_dict": {f"module.{k}": v for k, v in encoder_sd.items()}})
     assert {"norm.norm.weight", "head.weight", "head.bias", "stage1.0.ln2.weight"} <= set(report.skipped)
-    enc, cls = _flat(seg.encoder), _flat(classifier)
+    enc, cls = params_and_stats(seg.encoder), params_and_stats(classifier)
     stage_paths = [p for p in cls if str(p[0]).startswith("stage")]
     assert stage_paths and set(stage_paths) == set(enc)
     assert all(np.array_equal(enc[p], cls[p]) for p in stage_paths)

@@ -61,6 +61,21 @@ def check_against_reference(lines: list[str], filename: str, entries: int, diges
     assert hashlib.sha256("\n".join(lines).encode()).hexdigest() == digest
 
 
+def params_and_stats(model: nnx.Module) -> dict[tuple, np.ndarray]:
+    """Every parameter and BatchNorm statistic of ``model`` by its path, as numpy arrays."""
+    out = {}
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, prefix + (k,))
+        else:
+            out[prefix] = np.asarray(node)
+
+    walk(nnx.to_pure_dict(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))), ())
+    return out
+
+
 def _random_value(path: tuple, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     leaf = str(path[-1])
     if leaf == "mean":

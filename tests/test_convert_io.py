@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flax import nnx
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("safetensors")
@@ -14,7 +13,7 @@ pytest.importorskip("safetensors")
 from rwkvunet_jax.cli import main as cli_main  # noqa: E402
 from rwkvunet_jax.convert import export_torch_state_dict, read_state_dict, write_state_dict  # noqa: E402
 from rwkvunet_jax.torch_reference import build_torch_model  # noqa: E402
-from test_convert_fixtures import TINY, random_jax_model  # noqa: E402
+from test_convert_fixtures import TINY, params_and_stats, random_jax_model  # noqa: E402
 
 
 def _sample() -> dict[str, np.ndarray]:
@@ -73,20 +72,6 @@ def test_file_errors_name_the_path(tmp_path):
         read_state_dict(empty)
 
 
-def _flat(model):
-    out = {}
-
-    def walk(node, prefix):
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, prefix + (k,))
-        else:
-            out[prefix] = np.asarray(node)
-
-    walk(nnx.to_pure_dict(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))), ())
-    return out
-
-
 def test_convert_command_both_ways_and_encoder_only(tmp_path, capsys):
     from rwkvunet_jax.checkpoint import load_model, save_model
 
@@ -114,7 +99,7 @@ def test_convert_command_both_ways_and_encoder_only(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "wrote checkpoint" in printed and "skipped" in printed and "num_classes=3" in printed
     back = load_model(back_dir)
-    a, b = _flat(model), _flat(back)
+    a, b = params_and_stats(model), params_and_stats(back)
     assert a.keys() == b.keys() and all(np.array_equal(a[p], b[p]) for p in a)
 
     # An encoder file into the encoder of a new segmentation model.
@@ -125,7 +110,7 @@ def test_convert_command_both_ways_and_encoder_only(tmp_path, capsys):
                      "--num-classes", "2", "--encoder-only", *overrides]) == 0
     assert "into the encoder" in capsys.readouterr().out
     seg = load_model(seg_dir)
-    enc, ref = _flat(seg.encoder), _flat(encoder)
+    enc, ref = params_and_stats(seg.encoder), params_and_stats(encoder)
     assert all(np.array_equal(enc[p], ref[p]) for p in enc)
 
     # Clear failures: an existing target, a missing --model, a wrong architecture.

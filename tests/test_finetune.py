@@ -23,19 +23,6 @@ TINY = ["--config.model.depths=(1,1,2,2)", "--config.model.widths=(8,16,16,32)",
 
 
 @pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    old = {n: getattr(jax.config, n) for n in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    yield
-    for name, value in old.items():
-        jax.config.update(name, value)
-
-
-@pytest.fixture(scope="module")
 def phantom_root(tmp_path_factory):
     from rwkvunet_jax.data.phantom import write_phantom_dataset
 

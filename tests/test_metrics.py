@@ -9,22 +9,12 @@ from scipy import ndimage
 from rwkvunet_jax import metrics
 from rwkvunet_jax.eval.metrics import dice_hd95, dice_iou, hd95, mean_dice_iou, per_class_dice_hd95
 
-medpy_binary = pytest.importorskip("medpy.metric.binary")
+from medpy_reference import medpy_binary, transunet_case  # noqa: E402  (skips without medpy)
 
 
 def blobs(rng, shape, threshold=0.3, sigma=2.0):
     """Random smooth binary blobs (several components, holes, border contacts)."""
     return ndimage.gaussian_filter(rng.standard_normal(shape), sigma) > threshold * 0.1
-
-
-def transunet_case(pred, gt):
-    """TransUNet's calculate_metric_percase, written here on top of medpy as the reference."""
-    pred, gt = pred > 0, gt > 0
-    if pred.sum() > 0 and gt.sum() > 0:
-        return medpy_binary.dc(pred, gt), medpy_binary.hd95(pred, gt)
-    if pred.sum() > 0:
-        return 1.0, 0.0
-    return 0.0, 0.0
 
 
 @pytest.mark.parametrize("shape", [(37, 53), (9, 24, 31)])

@@ -2,7 +2,6 @@
 scipy/PIL/nibabel (resize in, model, argmax, nearest resize back) using the same checkpoint."""
 
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -15,19 +14,6 @@ from rwkvunet_jax.models.registry import create_model
 
 NET = 32
 BATCH = 8
-
-
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    old = {n: getattr(jax.config, n) for n in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    yield
-    for name, value in old.items():
-        jax.config.update(name, value)
 
 
 @pytest.fixture(scope="module")

@@ -147,18 +147,7 @@ def _restored(workdir: Path, step: int):
     return model, optimizer
 
 
-@pytest.fixture
-def compilation_cache(tmp_path):
-    import jax
-
-    previous = jax.config.jax_compilation_cache_dir
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    yield
-    jax.config.update("jax_compilation_cache_dir", previous)
-
-
-def test_sigterm_saves_and_resume_continues_bit_exactly(tmp_path, compilation_cache):
+def test_sigterm_saves_and_resume_continues_bit_exactly(tmp_path, compile_cache):
     import jax
 
     from rwkvunet_jax.checkpoint import load_model, model_state

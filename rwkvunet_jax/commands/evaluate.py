@@ -37,19 +37,13 @@ def check_model_matches_config(meta_model: dict, config) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from rwkvunet_jax.train.cli_config import parse_config_argv, wants_help
+    from rwkvunet_jax.train.cli_config import parse_command_argv
 
-    if wants_help(argv):
-        print(__doc__)
-        return 0
-    try:
-        config, fv = parse_config_argv(argv, prog="rwkvunet evaluate", define_extra=_extra_flags)
-    except ValueError as err:
-        print(err, file=sys.stderr)
-        return 2
-    if not fv.checkpoint:
-        print("rwkvunet evaluate: --checkpoint is required", file=sys.stderr)
-        return 2
+    parsed = parse_command_argv(argv, prog="rwkvunet evaluate", doc=__doc__, define_extra=_extra_flags,
+                                required="checkpoint")
+    if isinstance(parsed, int):
+        return parsed
+    config, fv = parsed
     from rwkvunet_jax import checkpoint as ckpt
     from rwkvunet_jax.eval.evaluate import evaluate_dataset
     from rwkvunet_jax.eval.inference import model_predict_fn

@@ -27,23 +27,13 @@ def _extra_flags(fv) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from rwkvunet_jax.train.cli_config import parse_config_argv, wants_help
+    from rwkvunet_jax.train.cli_config import parse_command_argv
 
-    if wants_help(argv):
-        print(__doc__)
-        return 0
-    try:
-        config, fv = parse_config_argv(argv, prog="rwkvunet finetune", define_extra=_extra_flags)
-    except ValueError as err:
-        print(err, file=sys.stderr)
-        return 2
-    if not fv.workdir:
-        print("rwkvunet finetune: --workdir is required", file=sys.stderr)
-        return 2
-    from absl import flags
-
-    if not flags.FLAGS.is_parsed():  # grain worker processes read the global absl flags
-        flags.FLAGS.mark_as_parsed()
+    parsed = parse_command_argv(argv, prog="rwkvunet finetune", doc=__doc__, define_extra=_extra_flags,
+                                required="workdir")
+    if isinstance(parsed, int):
+        return parsed
+    config, fv = parsed
     from rwkvunet_jax.train.finetune import NonFiniteLossError, train_and_evaluate
 
     try:

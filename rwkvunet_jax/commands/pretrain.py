@@ -10,7 +10,6 @@ Rerunning the same command resumes from the latest checkpoint in ``DIR``. Exit c
 from __future__ import annotations
 
 import logging
-import sys
 
 PREEMPTED_EXIT_CODE = 75  # == rwkvunet_jax.train.pretrain.PREEMPTED_EXIT_CODE (not imported: it pulls in JAX)
 
@@ -30,25 +29,13 @@ def _define_flags(fv) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from rwkvunet_jax.train.cli_config import parse_config_argv, wants_help
+    from rwkvunet_jax.train.cli_config import parse_command_argv
 
-    if wants_help(argv):
-        print(__doc__)
-        return 0
-    try:
-        config, fv = parse_config_argv(argv, prog="rwkvunet pretrain", define_extra=_define_flags)
-    except ValueError as err:
-        print(err, file=sys.stderr)
-        return 2
-    if not fv.workdir:
-        print("rwkvunet pretrain: --workdir is required (e.g. --workdir runs/smoke)", file=sys.stderr)
-        return 2
-    # grain's worker processes look at the global absl flags; ours live in a private FlagValues.
-    from absl import flags
-
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
-
+    parsed = parse_command_argv(argv, prog="rwkvunet pretrain", doc=__doc__, define_extra=_define_flags,
+                                required="workdir", required_hint=" (e.g. --workdir runs/smoke)")
+    if isinstance(parsed, int):
+        return parsed
+    config, fv = parsed
     from rwkvunet_jax.train import sharding
 
     # Must come before anything touches a JAX device.

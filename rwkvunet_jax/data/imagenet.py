@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from rwkvunet_jax.data.mixup import MixupCutmix
+from rwkvunet_jax.data.pipeline import allow_worker_processes
 from rwkvunet_jax.data.randaugment import (IMAGENET_MEAN, IMAGENET_STD, RandAugmentPolicy, color_jitter,
                                            rand_augment, random_resized_crop, resize_shorter_and_center_crop)
 
@@ -219,14 +220,6 @@ class EvalTransform:
 # ----------------------------------------------------------------------------- pipelines
 
 
-def _allow_worker_processes() -> None:
-    # grain's worker processes read absl flags; outside absl.app.run (pytest) mark them parsed.
-    from absl import flags
-
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
-
-
 def auto_worker_count(requested: int) -> int:
     """``requested`` if >= 0, else one worker per CPU core of this host minus two (at least 1)."""
     if requested >= 0:
@@ -263,7 +256,7 @@ def train_iterator(source, *, image_size: int, local_batch: int, seed: int, proc
     # Each element is a whole batch here, so threads beyond the buffer size would sit idle.
     iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=prefetch_batches, prefetch_buffer_size=prefetch_batches))
     if worker_count > 0:
-        _allow_worker_processes()
+        allow_worker_processes()
         iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return iter(iter_ds)
 
@@ -309,7 +302,7 @@ def eval_batches(source, *, image_size: int, local_batch: int, crop_pct: float =
                                                           interpolation=interpolation))
     iter_ds = ds.batch(local_batch).to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
     if worker_count > 0:
-        _allow_worker_processes()
+        allow_worker_processes()
         iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return iter(iter_ds)
 

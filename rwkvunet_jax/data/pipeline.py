@@ -77,12 +77,12 @@ def train_iterator(source, *, augment: str, image_size: Sequence[int], batch_siz
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                                  prefetch_buffer_size=prefetch_buffer_size))
     if worker_count > 0:
-        _allow_worker_processes()
+        allow_worker_processes()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return iter(it_ds)
 
 
-def _allow_worker_processes() -> None:
+def allow_worker_processes() -> None:
     """grain's worker processes read absl flags; outside ``absl.app.run`` (pytest, notebooks) mark them parsed."""
     from absl import flags
 

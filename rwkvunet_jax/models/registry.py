@@ -95,4 +95,4 @@ def spec_from_dict(data: dict[str, Any]) -> ModelSpec:
 
 
 __all__ = ["MODELS", "SIZES", "create_model", "list_models", "make_spec", "build_model", "spec_from_dict",
-           "ModelSpec", "dataclasses"]
+           "ModelSpec"]

@@ -6,6 +6,7 @@ so every call builds a fresh ``FlagValues`` (commands can run many times in one 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,7 +35,10 @@ def parse_config_argv(
         define_extra(fv)
     try:
         fv(full_argv)
-    except (flags.Error, AttributeError, KeyError, TypeError) as err:  # unknown config fields raise AttributeError
+    except (AttributeError, KeyError) as err:  # ml_collections' answer to an override of a field that does not exist
+        field = str(err.args[0] if err.args else err).strip("\"'")
+        raise ValueError(f"{prog}: bad arguments: no config field {field!r} (check the --config.* overrides)") from err
+    except (flags.Error, TypeError) as err:
         raise ValueError(f"{prog}: bad arguments: {err}") from err
     config = config_flag.value
     if config is None:
@@ -44,3 +48,31 @@ def parse_config_argv(
 
 def wants_help(argv: Sequence[str]) -> bool:
     return any(a in ("-h", "--help", "--helpfull", "--helpshort") for a in argv)
+
+
+def parse_command_argv(
+    argv: Sequence[str],
+    *,
+    prog: str,
+    doc: str,
+    define_extra: Callable[[flags.FlagValues], None],
+    required: str,
+    required_hint: str = "",
+) -> tuple[Any, flags.FlagValues] | int:
+    """The front of every config-driven command: ``--help``, parsing, and the one flag it cannot run without.
+
+    Returns ``(config, flag_values)``, or the exit code to return at once: 0 after printing ``doc`` for
+    ``--help``, 2 after printing the problem to stderr (bad arguments, ``--<required>`` missing).
+    """
+    if wants_help(argv):
+        print(doc)
+        return 0
+    try:
+        config, fv = parse_config_argv(argv, prog=prog, define_extra=define_extra)
+    except ValueError as err:
+        print(err, file=sys.stderr)
+        return 2
+    if not fv[required].value:
+        print(f"{prog}: --{required} is required{required_hint}", file=sys.stderr)
+        return 2
+    return config, fv
