@@ -28,13 +28,18 @@ def time_train_step(size: str, *, batch: int, image_size: int, timed: int, warmu
 
     from rwkvunet_jax.models.registry import create_model
     from rwkvunet_jax.train import sharding as shd
-    from rwkvunet_jax.train.pretrain import build_steps, make_optimizer, warmup_cosine_schedule
+    from rwkvunet_jax.train.optimizer import make_optimizer
+    from rwkvunet_jax.train.pretrain import build_classifier_steps
+    from rwkvunet_jax.train.schedules import make_schedule
 
     mesh = shd.make_mesh(data=1, fsdp=-1) if fsdp else shd.make_mesh()
     model = create_model(f"rwkv_unet_encoder_{size}", num_classes=1000, dtype=dtype)
-    schedule = warmup_cosine_schedule(peak_lr=3e-3, total_steps=1000, warmup_steps=10)
-    tx = make_optimizer({"name": "adamw", "clip_norm": 5.0}, schedule, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    train = build_steps(model, tx, mesh=mesh, num_classes=1000, accum_steps=accum, fsdp=fsdp, schedule=schedule)
+    schedule = make_schedule("timm_cosine", lr=3e-3, total_steps=1000, warmup_steps=10, warmup_init_lr=5e-7,
+                             min_lr=5e-7)
+    tx = make_optimizer(schedule, nnx.to_pure_dict(nnx.state(model, nnx.Param)), weight_decay=0.05,
+                        weight_decay_mask_rule="timm", grad_clip_norm=5.0)
+    train = build_classifier_steps(model, tx, mesh=mesh, num_classes=1000, accum_steps=accum, fsdp=fsdp,
+                                   schedule=schedule, ema_decay=0.9998)
     rng = np.random.default_rng(0)
     local = batch // jax.process_count()
     host = {"image": rng.integers(0, 256, (local, image_size, image_size, 3), dtype=np.uint8),
@@ -58,6 +63,7 @@ def time_train_step(size: str, *, batch: int, image_size: int, timed: int, warmu
 def time_pipeline(*, batch: int, image_size: int, batches: int, workers: int, root: str | None,
                   tfds_dir: str | None) -> dict:
     from rwkvunet_jax.data import imagenet
+    from rwkvunet_jax.data.pipeline import train_iterator
 
     if tfds_dir:
         source = imagenet.TfdsSource("imagenet2012", split="train", data_dir=tfds_dir)
@@ -67,8 +73,8 @@ def time_pipeline(*, batch: int, image_size: int, batches: int, workers: int, ro
             imagenet.write_fake_imagefolder(root, num_classes=10, train_per_class=max(8, batch * (batches + 2) // 10),
                                             val_per_class=1, min_size=300, max_size=500)
         source = imagenet.ImageFolderSource(Path(root) / "train")
-    it = imagenet.train_iterator(source, image_size=image_size, local_batch=batch, seed=0, worker_count=workers,
-                                 prefetch_batches=max(2, workers))
+    it = train_iterator(source, imagenet.TrainTransform(image_size), batch_size=batch, seed=0, worker_count=workers,
+                        read_threads=max(2, workers), prefetch_buffer_size=max(2, workers))
     next(it)  # worker start-up
     t0 = time.perf_counter()
     for _ in range(batches):
@@ -98,7 +104,7 @@ def main() -> None:
 
     import jax
 
-    from rwkvunet_jax.data.imagenet import auto_worker_count
+    from rwkvunet_jax.data.pipeline import auto_worker_count
 
     batch = args.batch or 8 * jax.device_count()
     print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()}), "

@@ -1,28 +1,38 @@
 """Shared pieces of the fine-tuning configs (loaded by the dataset configs; imports nothing from the package).
 
-Every config is ``get_config(arg)`` with ``arg = "<size>"`` or ``"<size>,official"``: ``size`` is t, s or b
-(RWKV-UNet-T/-S/-B) and ``official`` switches the recipe from the paper's Implementation Details to what the
-official training script does where the two differ. Every field can be overridden on the command line,
+Every config is ``get_config(arg)`` with ``arg = "<size>"`` or ``"<size>,<recipe>"``: ``size`` is t, s or b
+(RWKV-UNet-T/-S/-B) and the recipe switches from the paper's Implementation Details to another one:
+``official`` is what the official training script does today (Oct 2025) where the two differ; a dataset
+config may name more (``acdc``: ``feb2025``, the official code as it stood when the paper's numbers were made). Every field can be overridden on the command line,
 e.g. ``--config.optim.lr=5e-4`` or ``--config.model.depths="(1,1,2,2)"``.
 
-Fields (read by ``rwkvunet_jax.train.finetune``):
+Fields (read by ``rwkvunet_jax.train.finetune``; the names shared with ``configs/pretrain_imagenet.py``
+mean the same there):
   dataset            name for ``rwkvunet_jax.data.get_source`` / ``get_volumes``
   class_names        background first; used in metric tables
   data.root          dataset directory; data.image_size (H, W) network input; data.augment recipe;
-                     data.split_seed (8:1:1 splits); data.{train,val,test}_split ("" = none); data.worker_count
+                     data.split_seed (8:1:1 splits); data.{train,val,test}_split ("" = none);
+                     data.worker_count (grain worker processes; 0 = threads only, -1 = CPU cores - 2)
   model.name/num_classes/in_chans, model.depths/widths (() = the size's default), drop_path_rate,
                      dtype ("float32" or "bfloat16" compute), wkv_impl, wkv_variant
   init.encoder       "" (from scratch), an Orbax checkpoint of an encoder/classifier/segmentation model, or an
                      official PyTorch encoder file (.pth/.pt/.safetensors)
-  optim              AdamW (lr, min_lr, weight_decay, b1, b2, eps), schedule (cosine | poly | cosine_restarts |
-                     constant), poly_power, period_steps (cosine_restarts; 0 = 3 * epochs // 4), warmup_steps,
-                     grad_clip_norm (0 = off)
+  optim              name ("adamw" | "sgd"), lr, min_lr, warmup_init_lr (all at reference_batch, scaled
+                     linearly to batch_size; reference_batch 0 = as given), schedule (cosine | timm_cosine |
+                     poly | cosine_restarts | constant), poly_power, period_steps (cosine_restarts), warmup_steps
+                     (or warmup_epochs when 0), weight_decay, weight_decay_mask ("all": every parameter, as the
+                     official segmentation trainers; "timm"), b1, b2, eps, momentum (sgd), grad_clip_norm (0 = off)
   loss               ce_weight, dice_weight, ignore_index (-1 = none)
-  batch_size, epochs, total_steps (0 = epochs * steps per epoch), seed, log_every_steps
+  batch_size, epochs, total_steps (0 = epochs * steps per epoch), seed (model, drop path, data order),
+                     log_every_steps
+  accum_steps        micro-batches per step (gradients averaged; BatchNorm statistics per micro-batch)
+  bn_group_size      > 0: BatchNorm statistics per group of this many images; 0: the whole batch
+  ema_decay          > 0: keep an EMA of the weights; validation, the best checkpoint and the test use it
   eval               protocol ("volume": slice-wise on whole volumes, Dice + HD95 per class; "image": per image),
-                     every_steps / every_epochs (validation cadence; 0 = off), tta (final test), val_tta,
+                     every_steps / every_epochs (validation cadence; both 0 = off), tta (final test), val_tta,
                      batch_size, num_overlays
-  checkpoint         every_steps, keep
+  checkpoint         every_steps, keep, async_save
+  debug              log_batches (a fingerprint per step in WORKDIR/batch_log), sigterm_at_step (rehearsal)
   paper              the numbers the paper reports for this dataset and size (printed next to ours)
 """
 
@@ -32,16 +42,16 @@ SIZES = ("t", "s", "b")
 MODEL_NAMES = {"t": "rwkv_unet_t", "s": "rwkv_unet_s", "b": "rwkv_unet_b"}
 
 
-def parse_arg(arg):
-    """``"b"`` or ``"b,official"`` -> (size, official)."""
+def parse_arg(arg, recipes=("official",)):
+    """``"b"`` or ``"b,<recipe>"`` -> (size, recipe), recipe "" (the default) or one of ``recipes``."""
     tokens = [t.strip().lower() for t in (arg or "b").split(",") if t.strip()]
     size = tokens[0] if tokens else "b"
     if size not in SIZES:
         raise ValueError(f"config argument must start with a model size in {SIZES}, got {arg!r}")
-    extra = set(tokens[1:]) - {"official"}
-    if extra:
-        raise ValueError(f"unknown config argument(s) {sorted(extra)} in {arg!r}; only 'official' is known")
-    return size, "official" in tokens[1:]
+    extra = tokens[1:]
+    if len(extra) > 1 or (extra and extra[0] not in recipes):
+        raise ValueError(f"unknown config argument(s) {extra} in {arg!r}; known recipes: {', '.join(recipes)}")
+    return size, extra[0] if extra else ""
 
 
 def base_config(*, dataset, size, root, num_classes, in_chans, image_size, augment, protocol, class_names):
@@ -59,20 +69,25 @@ def base_config(*, dataset, size, root, num_classes, in_chans, image_size, augme
     )
     c.init = ml_collections.ConfigDict(dict(encoder=""))
     c.optim = ml_collections.ConfigDict(
-        dict(lr=1e-3, min_lr=0.0, weight_decay=1e-4, b1=0.9, b2=0.999, eps=1e-8, schedule="cosine",
-             poly_power=0.9, period_steps=0, warmup_steps=0, grad_clip_norm=0.0)
+        dict(name="adamw", lr=1e-3, reference_batch=0, min_lr=0.0, warmup_init_lr=0.0, schedule="cosine",
+             poly_power=0.9, period_steps=0, warmup_steps=0, warmup_epochs=0.0, weight_decay=1e-4,
+             weight_decay_mask="all", b1=0.9, b2=0.999, eps=1e-8, momentum=0.9, grad_clip_norm=0.0)
     )
     c.loss = ml_collections.ConfigDict(dict(ce_weight=0.5, dice_weight=0.5, ignore_index=-1))
     c.batch_size = 24
     c.epochs = 1
     c.total_steps = 0
     c.seed = 1234
+    c.accum_steps = 1
+    c.bn_group_size = 0
+    c.ema_decay = 0.0
     c.log_every_steps = 20
     c.eval = ml_collections.ConfigDict(
         dict(protocol=protocol, every_steps=0, every_epochs=1.0, tta=False, val_tta=False, batch_size=24,
              num_overlays=4)
     )
-    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=2))
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=2, async_save=True))
+    c.debug = ml_collections.ConfigDict(dict(log_batches=False, sigterm_at_step=0))
     c.paper = ml_collections.ConfigDict(dict(mean_dice=-1.0, mean_hd95=-1.0))
     return c
 

@@ -11,12 +11,20 @@ and the launch, it does not learn ImageNet).
 
 Recipe (the official pretraining logs, ``logs/pretrain_logs/log_train_{T,S,B}.txt``, EMO2 codebase):
 300 epochs at 224x224, global batch 1024 (8 GPUs x 128, 1251 steps per epoch), AdamW (0.9, 0.999,
-eps 1e-8), lr 3e-3 at batch 1024 scaled linearly with the batch, weight decay 0.05 (not on biases,
-norms and other vectors), 20 warm-up epochs from 5e-7, per-step cosine to 5e-7, label smoothing 0.1,
-gradient clipping 5, EMA 0.9998, drop path 0.05, RandAugment rand-m9-mstd0.5-inc1, random resized
-crop with random bilinear/bicubic, flips; colour jitter 0.4 is configured but, as in timm, only
+eps 1e-8), lr 1.5e-3 per 512 images scaled linearly with the batch (3e-3 at 1024), weight decay 0.05
+(timm's rule: not on biases, norms and the other tensors that are 1-D in PyTorch; the token-shift mixes
+``spatial_mix_k/v/r`` are (1, 1, C) there and are decayed), 20 warm-up epochs from 5e-7, per-step cosine
+to 5e-7 (warm-up start and minimum scale with the batch too: 2.5e-7 per 512; the logged lr of the first
+iterations, 6e-6, 1.2e-5, 1.8e-5 at iterations 50, 100, 150, pins the start at 5e-7 for 1024), label
+smoothing 0.1, gradient clipping 5, EMA 0.9998, drop path 0.05, RandAugment rand-m9-mstd0.5-inc1, random
+resized crop with random bilinear/bicubic, flips; colour jitter 0.4 is configured but, as in timm, only
 acts when RandAugment is off; Mixup 0.8 / CutMix 1.0 configured with probability 0 (off).
 Evaluation: resize 256 bicubic, centre crop 224, top-1/top-5 of the plain and EMA weights.
+
+BatchNorm: the official run had no SyncBN, so each GPU normalised its 128 images with their own
+statistics. Here the default is statistics over the whole global batch (``bn_group_size=0``, what
+``jax.jit`` over a mesh gives); ``--config.bn_group_size=128`` reproduces the per-GPU groups (the running
+averages then take the mean of the groups' statistics; the official run kept GPU 0's).
 
 Official results (top-1, plain / EMA): T 76.54 / 76.54, S 80.57 / 80.77, B 81.27 / 81.73. This port
 has not been run for 300 epochs; benchmarks/pretrain_throughput.py measures its speed.
@@ -36,7 +44,7 @@ def get_config(arg: str = "b") -> ml_collections.ConfigDict:
         raise ValueError(f"configs/pretrain_imagenet.py takes t, s, b or smoke after the colon, got {arg!r}")
     smoke = arg == "smoke"
     c = ml_collections.ConfigDict()
-    c.seed = 0
+    c.seed = 0  # model initialisation, drop-path masks and data order (shuffle, augmentation)
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "rwkv_unet_encoder_t" if smoke else f"rwkv_unet_encoder_{arg}"
@@ -51,12 +59,11 @@ def get_config(arg: str = "b") -> ml_collections.ConfigDict:
     c.data.source = "imagefolder" if smoke else "tfds"  # "tfds" (ArrayRecord) or "imagefolder"
     c.data.name = "imagenet2012"  # tfds dataset name
     c.data.data_dir = ""  # tfds data_dir ("" = tfds default, ~/tensorflow_datasets)
-    c.data.root = ""  # ImageFolder: folder with <train_split>/ and <eval_split>/ class folders
+    c.data.root = ""  # ImageFolder: folder with <train_split>/ and <val_split>/ class folders
     c.data.train_split = "train"
-    c.data.eval_split = "val" if smoke else "validation"
+    c.data.val_split = "val" if smoke else "validation"
     c.data.image_size = 32 if smoke else 224
-    c.data.seed = 0
-    c.data.num_workers = 0 if smoke else -1  # grain worker processes per host (-1: CPU cores - 2)
+    c.data.worker_count = 0 if smoke else -1  # grain worker processes per host (-1: CPU cores - 2)
     c.data.prefetch_batches = 2 if smoke else 4
     # > 0 writes a generated ImageFolder (to data.root, or WORKDIR/fake_imagefolder) before training.
     c.data.fake_classes = 10 if smoke else 0
@@ -79,25 +86,31 @@ def get_config(arg: str = "b") -> ml_collections.ConfigDict:
     c.mixup.switch_prob = 0.5
 
     c.batch_size = 16 if smoke else 1024  # global, over all processes and devices
+    c.epochs = 300
+    c.total_steps = 6 if smoke else 0  # 0: epochs x steps per epoch
     c.accum_steps = 1  # micro-batches per step when the global batch does not fit
-    c.num_epochs = 300
-    c.total_steps = 6 if smoke else -1  # > 0 overrides num_epochs
+    c.bn_group_size = 0  # > 0: BatchNorm statistics per group of this many images (official: 128 per GPU)
+    c.ema_decay = 0.9998  # 0: no EMA
     c.label_smoothing = 0.1
-    c.ema_decay = 0.9998
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adamw"
-    c.optim.base_lr = 2e-3 if smoke else 3e-3  # at base_batch; scaled linearly to batch_size
-    c.optim.base_batch = 16 if smoke else 1024
+    c.optim.lr = 2e-3 if smoke else 1.5e-3  # at reference_batch; scaled linearly to batch_size
+    c.optim.reference_batch = 16 if smoke else 512  # 0: lr, warmup_init_lr and min_lr used as given
+    c.optim.schedule = "timm_cosine"
+    c.optim.min_lr = 5e-7 if smoke else 2.5e-7  # at reference_batch
+    c.optim.warmup_init_lr = 5e-7 if smoke else 2.5e-7  # at reference_batch
+    c.optim.warmup_epochs = 0.0 if smoke else 20.0
+    c.optim.warmup_steps = 0  # > 0 overrides warmup_epochs
+    c.optim.poly_power = 0.9  # schedule "poly" only
+    c.optim.period_steps = 0  # schedule "cosine_restarts" only
     c.optim.b1 = 0.9
     c.optim.b2 = 0.999
     c.optim.eps = 1e-8
-    c.optim.weight_decay = 0.05
     c.optim.momentum = 0.9  # sgd only
-    c.optim.clip_norm = 5.0
-    c.optim.warmup_epochs = 0.0 if smoke else 20.0
-    c.optim.warmup_init_lr = 5e-7
-    c.optim.min_lr = 5e-7
+    c.optim.weight_decay = 0.05
+    c.optim.weight_decay_mask = "timm"  # "timm": not on 1-D tensors of the official model; "all"
+    c.optim.grad_clip_norm = 5.0  # 0: off
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # devices on the pure data-parallel axis (-1: the rest)
@@ -111,9 +124,8 @@ def get_config(arg: str = "b") -> ml_collections.ConfigDict:
     c.checkpoint.async_save = True
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.enabled = True
     c.eval.every_epochs = 1.0
-    c.eval.every_steps = 0 if not smoke else 6  # > 0 overrides every_epochs
+    c.eval.every_steps = 0 if not smoke else 6  # > 0 overrides every_epochs; both 0: no evaluation
     c.eval.batch_size = 8 if smoke else 1024  # global
     c.eval.image_size = 0  # 0: data.image_size
     c.eval.crop_pct = 0.875  # resize to image_size / crop_pct (256 for 224), centre crop

@@ -30,7 +30,8 @@ CLASS_NAMES = ("background", "aorta", "gallbladder", "kidney_left", "kidney_righ
 
 
 def get_config(arg=None):
-    size, official = common.parse_arg(arg)
+    size, recipe = common.parse_arg(arg)
+    official = recipe == "official"
     c = common.base_config(dataset="synapse", size=size, root="data/Synapse", num_classes=9, in_chans=1,
                            image_size=(224, 224), augment="synapse", protocol="volume",
                            class_names=CLASS_NAMES)

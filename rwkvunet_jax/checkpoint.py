@@ -4,10 +4,10 @@ A *model checkpoint* is an Orbax composite directory with two items: ``model`` (
 model's ``nnx.Param`` and ``nnx.BatchStat`` arrays, keyed by the official-like attribute names) and
 ``meta`` (JSON; the model description under ``"model"``). Training runs write the same two items
 plus ``optimizer`` and ``data`` into the step directories of an ``ocp.CheckpointManager`` under
-``WORKDIR/checkpoints`` (and the best one by validation metric under ``WORKDIR/checkpoints_best``),
-so :func:`load_model` reads a standalone checkpoint, one training step, a manager directory or a
-whole work directory alike. Orbax writes into a temporary directory and renames it when complete,
-so a half-written checkpoint is never picked up.
+``WORKDIR/checkpoints`` (and the best one by validation metric under ``WORKDIR/checkpoints_best``; see
+:mod:`rwkvunet_jax.train.checkpoints`), so :func:`load_model` reads a standalone checkpoint, one training
+step, a manager directory or a whole work directory alike. Orbax writes into a temporary directory and
+renames it when complete, so a half-written checkpoint is never picked up.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from rwkvunet_jax.models.registry import build_model, spec_from_dict
 
 MODEL_ITEM = "model"
 META_ITEM = "meta"
-TRAIN_ITEMS = ("model", "optimizer", "data", "meta")
 CHECKPOINTS_DIR = "checkpoints"
 BEST_CHECKPOINTS_DIR = "checkpoints_best"
 
@@ -206,14 +205,3 @@ def load_model(path: str | Path) -> nnx.Module:
     apply_model_state(model, state, strict=True)
     model.eval()
     return model
-
-
-# ----------------------------------------------------------------------------- training runs
-
-
-def open_manager(directory: str | Path, *, max_to_keep: int | None = 3, async_save: bool = True):
-    """An ``ocp.CheckpointManager`` with the training items ``model``, ``optimizer``, ``data``, ``meta``."""
-    ocp = _ocp()
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save)
-    return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_names=TRAIN_ITEMS)

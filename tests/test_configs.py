@@ -96,3 +96,60 @@ def test_configs_do_not_import_the_package_and_document_the_command(path):
     assert "import rwkvunet_jax" not in text and "from rwkvunet_jax" not in text
     if path.name not in ("common.py", "pretrain_imagenet.py"):
         assert "rwkvunet " in text.split('"""')[1], f"{path.name}: the docstring should give the command"
+
+
+def test_acdc_feb2025_is_the_official_trainer_when_the_paper_was_made():
+    c = load("acdc", "b,feb2025")
+    assert (c.optim.schedule, c.optim.period_steps, c.optim.min_lr, c.optim.weight_decay) == (
+        "cosine_restarts", 150, 0.0, 1e-4)  # CosineAnnealingLR(T_max=epochs, eta_min=0) stepped per iteration
+    assert (c.loss.ce_weight, c.loss.dice_weight, c.eval.tta) == (0.3, 0.7, True)
+    assert load("acdc", "b,feb2025", "--config.epochs=100").optim.period_steps == 100
+    official = load("acdc", "b,official", "--config.epochs=100")
+    assert official.optim.period_steps == 75 and official.optim.weight_decay == 1.5e-4  # 3 * epochs // 4
+    with pytest.raises(ValueError, match="feb2025"):
+        load("acdc", "b,jan")
+    with pytest.raises(ValueError, match="official"):
+        load("synapse", "b,feb2025")
+
+
+def _fields(config, prefix=""):
+    out = set()
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        out |= _fields(value, name + ".") if hasattr(value, "items") and key != "paper" else {name}
+    return out
+
+
+def test_finetune_and_pretrain_configs_share_one_vocabulary():
+    pretrain = _fields(load("pretrain_imagenet", "b"))
+    finetune = _fields(load("synapse", "b"))
+    shared = {"seed", "batch_size", "epochs", "total_steps", "accum_steps", "bn_group_size", "ema_decay",
+              "log_every_steps", "data.root", "data.worker_count", "data.train_split", "data.val_split",
+              "data.image_size", "eval.every_steps", "eval.every_epochs", "eval.batch_size", "checkpoint.every_steps",
+              "checkpoint.keep", "checkpoint.async_save", "debug.log_batches", "debug.sigterm_at_step",
+              "model.name", "model.num_classes", "model.drop_path_rate", "model.dtype"}
+    optim = {f for f in pretrain if f.startswith("optim.")}
+    assert optim == {f for f in finetune if f.startswith("optim.")}
+    assert shared <= pretrain and shared <= finetune, (shared - pretrain, shared - finetune)
+
+
+def test_old_field_names_get_a_message_naming_the_new_one():
+    from rwkvunet_jax.train.config_fields import RENAMED, check_common_fields, renamed_override_message
+
+    for old, new in RENAMED.items():
+        message = renamed_override_message(["--workdir=x", f"--config.{old}=1"])
+        assert message is not None and old in message and new in message and "\n" not in message
+        new_field = new.split("=")[0].split()[0]
+        for name in ("pretrain_imagenet", "synapse"):
+            fields = _fields(load(name, "b"))
+            assert old not in fields and new_field in fields, (name, old, new_field)
+            with pytest.raises(ValueError, match="no config field"):
+                load(name, "b", f"--config.{old}=1")
+    assert renamed_override_message(["--config.optim.lr=1", "--config.model.depths=(1,1,2,2)"]) is None
+    old_file = load("synapse", "b")  # a config written before the rename still reads, and is told
+    with old_file.unlocked():
+        old_file.optim.base_lr = 1e-3
+    with pytest.raises(ValueError, match="optim.base_lr.*optim.lr"):
+        check_common_fields(old_file)
+    check_common_fields(load("synapse", "b"))
+    check_common_fields(load("pretrain_imagenet", "b"))

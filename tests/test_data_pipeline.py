@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from rwkvunet_jax.data import augment as augment_module
-from rwkvunet_jax.data import eval_batches, get_source, train_iterator, write_phantom_dataset
+from rwkvunet_jax.data import RecipeTransform, eval_batches, get_source, train_iterator, write_phantom_dataset
 from rwkvunet_jax.data.base import SliceSource
 
 CLASSES = (0, 2, 5)
@@ -61,7 +61,7 @@ def phantom_root(tmp_path_factory):
 @pytest.mark.parametrize("recipe", ["synapse", "acdc", "binary", "none"])
 def test_recipes_keep_the_class_set_and_the_batch_contract(recipe):
     src = PatternSource()
-    it = train_iterator(src, augment=recipe, image_size=(32, 48), batch_size=4, seed=0)
+    it = train_iterator(src, RecipeTransform(recipe, (32, 48)), batch_size=4, seed=0)
     for batch in take(it, 3):
         assert batch["image"].shape == (4, 32, 48, 2) and batch["image"].dtype == np.float32
         assert batch["label"].shape == (4, 32, 48) and batch["label"].dtype == np.int32
@@ -108,7 +108,7 @@ def test_brightness_contrast_formula():
 
 def test_augmentation_is_deterministic_per_seed():
     src = PatternSource()
-    kwargs = dict(augment="acdc", image_size=(32, 32), batch_size=3)
+    kwargs = dict(transform=RecipeTransform("acdc", (32, 32)), batch_size=3)
     a = take(train_iterator(src, seed=5, **kwargs), 4)
     b = take(train_iterator(src, seed=5, **kwargs), 4)
     c = take(train_iterator(src, seed=6, **kwargs), 4)
@@ -118,7 +118,7 @@ def test_augmentation_is_deterministic_per_seed():
 
 def test_every_epoch_visits_each_example_once_in_a_new_order():
     src = PatternSource(n=12)
-    it = train_iterator(src, augment="none", image_size=(16, 16), batch_size=4, seed=1)
+    it = train_iterator(src, RecipeTransform("none", (16, 16)), batch_size=4, seed=1)
     tags = [int(round(t)) for b in take(it, 6) for t in b["image"][:, 0, 0, 1]]
     assert sorted(tags[:12]) == list(range(12)) and sorted(tags[12:]) == list(range(12))
     assert tags[:12] != tags[12:]
@@ -128,7 +128,7 @@ def test_shards_are_disjoint_and_cover_the_data():
     src = PatternSource(n=12)
     seen = []
     for shard in range(3):
-        it = train_iterator(src, augment="none", image_size=(16, 16), batch_size=2, seed=4, shard_index=shard,
+        it = train_iterator(src, RecipeTransform("none", (16, 16)), batch_size=2, seed=4, shard_index=shard,
                             shard_count=3)
         seen.append([int(round(t)) for b in take(it, 2) for t in b["image"][:, 0, 0, 1]])
     flat = [t for s in seen for t in s]
@@ -137,7 +137,7 @@ def test_shards_are_disjoint_and_cover_the_data():
 
 def test_resume_from_state_gives_the_same_next_batches(phantom_root):
     src = get_source("phantom", phantom_root, "train")
-    kwargs = dict(augment="synapse", image_size=(32, 32), batch_size=4, seed=3, augment_options={"rot_flip": True})
+    kwargs = dict(transform=RecipeTransform("synapse", (32, 32), rot_flip=True), batch_size=4, seed=3)
     it = train_iterator(src, **kwargs)
     take(it, 5)
     state = it.get_state()
@@ -149,7 +149,7 @@ def test_resume_from_state_gives_the_same_next_batches(phantom_root):
 
 def test_resume_with_worker_processes(phantom_root):
     src = get_source("phantom", phantom_root, "train")
-    kwargs = dict(augment="acdc", image_size=(32, 32), batch_size=4, seed=8)
+    kwargs = dict(transform=RecipeTransform("acdc", (32, 32)), batch_size=4, seed=8)
     reference = take(train_iterator(src, **kwargs), 7)
     it = train_iterator(src, worker_count=2, **kwargs)
     assert_same_batches(take(it, 4), reference[:4])  # workers do not change the stream
@@ -191,11 +191,11 @@ def test_eval_resize_is_bilinear_for_images():
 def test_pipeline_argument_errors():
     src = PatternSource(n=4)
     with pytest.raises(ValueError, match="unknown augmentation"):
-        train_iterator(src, augment="heavy", image_size=(16, 16), batch_size=2, seed=0)
+        RecipeTransform("heavy", (16, 16))
     with pytest.raises(ValueError, match="shard_index"):
-        train_iterator(src, augment="none", image_size=(16, 16), batch_size=2, seed=0, shard_index=2,
+        train_iterator(src, RecipeTransform("none", (16, 16)), batch_size=2, seed=0, shard_index=2,
                        shard_count=2)
     with pytest.raises(ValueError, match="image_size"):
-        train_iterator(src, augment="none", image_size=(16,), batch_size=2, seed=0)
+        RecipeTransform("none", (16,))
     with pytest.raises(ValueError, match="batch_size"):
         next(eval_batches(src, image_size=(16, 16), batch_size=0))

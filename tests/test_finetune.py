@@ -85,19 +85,19 @@ def test_killed_run_resumes_at_the_saved_step_with_the_same_batches(tmp_path, fi
 
     # The saved data-iterator state continues with the batch an uninterrupted pipeline gives third.
     from rwkvunet_jax import data
+    from rwkvunet_jax.train.checkpoints import TrainCheckpoints
 
     config = tiny_config(phantom_root)
     source = data.get_source("phantom", phantom_root, "train")
 
     def fresh():
-        return data.train_iterator(source, augment=config.data.augment, image_size=(32, 32), batch_size=4,
+        return data.train_iterator(source, data.RecipeTransform(config.data.augment, (32, 32)), batch_size=4,
                                    seed=config.seed)
 
     uninterrupted = fresh()
     expected = [next(uninterrupted) for _ in range(3)][-1]
-    restored = fresh()
-    saved = ckpt._ocp().Checkpointer(ckpt._ocp().JsonCheckpointHandler()).restore(workdir / "checkpoints/2/data")
-    finetune._set_iterator_state(restored, saved)
+    with TrainCheckpoints(workdir / "checkpoints") as saved:
+        restored = saved.restore_data(2, fresh())
     got = next(restored)
     np.testing.assert_array_equal(got["image"], expected["image"])
     np.testing.assert_array_equal(got["label"], expected["label"])
@@ -149,10 +149,13 @@ def test_missing_dataset_and_empty_root_fail_with_the_path(tmp_path):
 
 
 def test_non_finite_loss_names_the_step():
-    window = [(4, {"loss": np.float32(0.5), "lr": np.float32(1e-3)}),
-              (5, {"loss": np.float32(np.nan), "lr": np.float32(1e-3)})]
+    from rwkvunet_jax.train.loop import MetricWindow
+
+    window = MetricWindow(batch_size=4)
+    window.add(4, {"loss": np.float32(0.5), "lr": np.float32(1e-3)})
+    window.add(5, {"loss": np.float32(np.nan), "lr": np.float32(1e-3)})
     with pytest.raises(finetune.NonFiniteLossError, match="step 5"):
-        finetune._flush_window(window, 0.0, 4)
+        window.flush()
 
 
 def test_pretrained_encoder_from_orbax_classifier_and_torch_file(tmp_path):

@@ -10,6 +10,7 @@ from PIL import Image
 
 from rwkvunet_jax.data import imagenet as inet
 from rwkvunet_jax.data import randaugment as ra
+from rwkvunet_jax.data.pipeline import train_iterator
 
 
 def _image(h=24, w=20, seed=0) -> Image.Image:
@@ -120,9 +121,9 @@ def test_image_folder_source_labels_by_sorted_class_folder(folder):
 
 def test_global_batch_is_the_same_for_one_or_two_hosts_and_resumes_exactly(folder):
     source = inet.ImageFolderSource(folder / "train")
-    common = dict(image_size=16, seed=3, transform=dict(randaugment="rand-m9-mstd0.5-inc1"))
-    single = inet.train_iterator(source, local_batch=6, **common)
-    hosts = [inet.train_iterator(source, local_batch=3, process_index=p, process_count=2, **common) for p in (0, 1)]
+    common = dict(seed=3, transform=inet.TrainTransform(16, randaugment="rand-m9-mstd0.5-inc1"))
+    single = train_iterator(source, batch_size=6, **common)
+    hosts = [train_iterator(source, batch_size=3, shard_index=p, shard_count=2, **common) for p in (0, 1)]
     for _ in range(5):  # crosses an epoch boundary (24 examples, 6 per step)
         whole = next(single)
         parts = [next(h) for h in hosts]
@@ -132,7 +133,7 @@ def test_global_batch_is_the_same_for_one_or_two_hosts_and_resumes_exactly(folde
         np.testing.assert_array_equal(whole["label"][1::2], parts[1]["label"])
     state = hosts[1].get_state()
     expected = next(hosts[1])
-    fresh = inet.train_iterator(source, local_batch=3, process_index=1, process_count=2, **common)
+    fresh = train_iterator(source, batch_size=3, shard_index=1, shard_count=2, **common)
     fresh.set_state(state)
     got = next(fresh)
     np.testing.assert_array_equal(got["image"], expected["image"])
@@ -187,7 +188,7 @@ def test_tfds_array_record_source_reads_without_tensorflow(tmp_path):
         example = source[i]
         np.testing.assert_array_equal(example["image"], pixels[(8, raw[i]["file_name"].decode())])
     val = inet.make_source("tfds", split="val", name="tiny_imagenet", data_dir=tmp_path)
-    batch = next(inet.train_iterator(source, image_size=16, local_batch=4, seed=0))
+    batch = next(train_iterator(source, inet.TrainTransform(16), batch_size=4, seed=0))
     assert batch["image"].shape == (4, 16, 16, 3) and len(val) == 3
     with pytest.raises(FileNotFoundError, match="tiny_imagenet"):
         inet.make_source("tfds", split="test", name="tiny_imagenet", data_dir=tmp_path)

@@ -29,7 +29,8 @@ def _command(workdir: Path, total_steps: int) -> list[str]:
     config = str(REPO / "configs/pretrain_imagenet.py:smoke")
     return ["bash", str(LAUNCHER), "2", *entry, "pretrain", "--config", config, "--workdir", str(workdir),
             f"--config.total_steps={total_steps}", "--config.checkpoint.every_steps=2",
-            "--config.eval.enabled=False", "--config.progress_bar=False", "--config.debug.log_batches=True",
+            "--config.eval.every_steps=0", "--config.eval.every_epochs=0", "--config.progress_bar=False",
+            "--config.debug.log_batches=True",
             "--config.data.fake_train_per_class=4", "--config.checkpoint.keep=10"]
 
 
@@ -83,19 +84,21 @@ def test_two_processes_train_get_preempted_and_resume_at_the_same_batch(tmp_path
 
     # What an uninterrupted pipeline yields at steps 0 .. saved + 1, per process.
     from rwkvunet_jax.data import imagenet
+    from rwkvunet_jax.data.pipeline import train_iterator
     from rwkvunet_jax.train.cli_config import parse_config_argv
-    from rwkvunet_jax.train.pretrain import _batch_fingerprint
+    from rwkvunet_jax.train.loop import batch_fingerprint
 
     config, _ = parse_config_argv([f"--config={REPO / 'configs/pretrain_imagenet.py'}:smoke"], prog="test")
     source = imagenet.ImageFolderSource(workdir / "fake_imagefolder" / "train")
     aug = config.aug
-    transform = dict(randaugment=aug.randaugment, color_jitter=aug.color_jitter, hflip=aug.hflip,
-                     scale=tuple(aug.scale), ratio=tuple(aug.ratio), interpolation=aug.interpolation)
+    transform = imagenet.TrainTransform(config.data.image_size, randaugment=aug.randaugment,
+                                        color_jitter=aug.color_jitter, hflip=aug.hflip, scale=tuple(aug.scale),
+                                        ratio=tuple(aug.ratio), interpolation=aug.interpolation)
     for process in (0, 1):
-        it = imagenet.train_iterator(source, image_size=config.data.image_size, local_batch=config.batch_size // 2,
-                                     seed=config.data.seed, process_index=process, process_count=2,
-                                     transform=transform)
-        expected = [_batch_fingerprint(next(it)) for _ in range(saved + 2)]
+        it = train_iterator(source, transform, batch_size=config.batch_size // 2, seed=config.seed,
+                            shard_index=process, shard_count=2, read_threads=config.data.prefetch_batches,
+                            prefetch_buffer_size=config.data.prefetch_batches)
+        expected = [batch_fingerprint(next(it)) for _ in range(saved + 2)]
         entries = _log(workdir, process)
         first_run = [e for e in entries if e["step"] < saved]
         resumed = entries[-2:]
@@ -106,4 +109,4 @@ def test_two_processes_train_get_preempted_and_resume_at_the_same_batch(tmp_path
 
     metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, saved + 3))  # no duplicated or missing steps
-    assert all(np.isfinite(m["loss"]) for m in metrics)
+    assert all(np.isfinite(m["train/loss"]) for m in metrics)

@@ -28,7 +28,7 @@ def get_config(arg: str):
 
 
 def test_label_smoothing_targets_by_hand():
-    from rwkvunet_jax.train.pretrain import soft_targets
+    from rwkvunet_jax.train.losses import soft_targets
 
     # K = 5, eps = 0.1: 1 - 0.1 + 0.02 = 0.92 on the label, 0.1 / 5 = 0.02 elsewhere.
     expected = np.array([[0.02, 0.02, 0.92, 0.02, 0.02], [0.92, 0.02, 0.02, 0.02, 0.02]], np.float32)
@@ -81,10 +81,14 @@ def test_mixing_with_probability_zero_only_smooths():
 
 
 def test_schedule_is_linear_warmup_then_cosine_on_the_global_clock():
-    from rwkvunet_jax.train.pretrain import warmup_cosine_schedule
+    from rwkvunet_jax.train.schedules import make_schedule
 
     peak, low, total, warm = 3e-3, 5e-7, 1000, 100
-    schedule = warmup_cosine_schedule(peak_lr=peak, total_steps=total, warmup_steps=warm)
+
+    def warmup_cosine_schedule(**kwargs):
+        return make_schedule("timm_cosine", lr=peak, warmup_init_lr=low, min_lr=low, **kwargs)
+
+    schedule = warmup_cosine_schedule(total_steps=total, warmup_steps=warm)
     for step, expected in [
         (0, low),
         (50, low + (peak - low) * 0.5),
@@ -95,17 +99,18 @@ def test_schedule_is_linear_warmup_then_cosine_on_the_global_clock():
     ]:
         assert float(schedule(step)) == pytest.approx(expected, rel=1e-5, abs=1e-12)
     with pytest.raises(ValueError):
-        warmup_cosine_schedule(peak_lr=peak, total_steps=10, warmup_steps=10)
+        warmup_cosine_schedule(total_steps=10, warmup_steps=10)
 
 
 def test_weight_decay_skips_vectors_and_config_scales_lr_linearly():
-    from rwkvunet_jax.train.pretrain import weight_decay_mask
+    from rwkvunet_jax.train.optimizer import weight_decay_mask
 
-    mask = weight_decay_mask({"kernel": np.zeros((3, 3, 4, 8)), "bias": np.zeros(8), "spatial_decay": np.zeros(8)})
-    assert mask == {"kernel": True, "bias": False, "spatial_decay": False}
     config = get_config("b")
-    assert config.optim.base_lr * config.batch_size / config.optim.base_batch == pytest.approx(3e-3)
-    assert (config.ema_decay, config.label_smoothing, config.optim.clip_norm) == (0.9998, 0.1, 5.0)
+    mask = weight_decay_mask({"kernel": np.zeros((3, 3, 4, 8)), "bias": np.zeros(8), "spatial_decay": np.zeros(8)},
+                             config.optim.weight_decay_mask)
+    assert mask == {"kernel": True, "bias": False, "spatial_decay": False}
+    assert config.optim.lr * config.batch_size / config.optim.reference_batch == pytest.approx(3e-3)
+    assert (config.ema_decay, config.label_smoothing, config.optim.grad_clip_norm) == (0.9998, 0.1, 5.0)
     assert config.mixup.prob == 0.0 and config.model.drop_path_rate == 0.05
     with pytest.raises(ValueError, match="smoke"):
         get_config("xl")
@@ -130,7 +135,7 @@ def _smoke(total_steps: int, **debug):
     config.total_steps = total_steps
     config.checkpoint.every_steps = 2
     config.checkpoint.keep = 5
-    config.eval.enabled = False
+    config.eval.every_steps = config.eval.every_epochs = 0
     config.progress_bar = False
     config.data.fake_train_per_class = 4
     for key, value in debug.items():

@@ -127,14 +127,15 @@ def _run(model_fn, mesh, batches, *, num_classes, fsdp=False, accum=1, rules=())
     import optax
 
     from rwkvunet_jax.train import sharding as shd
-    from rwkvunet_jax.train.pretrain import build_steps
+    from rwkvunet_jax.train.pretrain import build_classifier_steps
 
     model = model_fn()
     tx = optax.sgd(0.05, momentum=0.9)
-    steps = build_steps(model, tx, mesh=mesh, num_classes=num_classes, label_smoothing=0.1, ema_decay=0.9,
-                        accum_steps=accum, fsdp=fsdp, fsdp_min_size=256, sharding_rules=rules)
+    steps = build_classifier_steps(model, tx, mesh=mesh, num_classes=num_classes, label_smoothing=0.1,
+                                   ema_decay=0.9, accum_steps=accum, fsdp=fsdp, fsdp_min_size=256,
+                                   sharding_rules=rules)
     state, losses = steps.state, []
-    initial = shd.to_host(state["params"])
+    initial = shd.to_host(state.params)
     for batch in batches:
         state, metrics = steps.train_step(state, shd.host_local_batch_to_global(batch, mesh))
         losses.append(float(shd.to_host(metrics["loss"])))
@@ -168,10 +169,10 @@ def _worker(out_path: str) -> None:
     dp = shd.to_host(dp_state)
     results["data_parallel"] = dict(
         devices=jax.device_count(), losses=dp_losses, ref_losses=ref_losses,
-        max_param_diff=_max_diff(dp["params"], ref["params"]),
-        max_batch_stat_diff=_max_diff(dp["batch_stats"], ref["batch_stats"]),
-        max_ema_diff=_max_diff(dp["ema_params"], ref["ema_params"]),
-        param_change=_max_diff(ref["params"], initial))
+        max_param_diff=_max_diff(dp.params, ref.params),
+        max_batch_stat_diff=_max_diff(dp.batch_stats, ref.batch_stats),
+        max_ema_diff=_max_diff(dp.ema_params, ref.ema_params),
+        param_change=_max_diff(ref.params, initial))
 
     rules = ((r"^params/head/kernel$", "replicate"),)
     steps, fs_state, fs_losses, _ = _run(encoder, shd.make_mesh(data=2, fsdp=4), batches, num_classes=num_classes,
@@ -180,15 +181,15 @@ def _worker(out_path: str) -> None:
     def sharded_leaves(tree):
         return [x for x in jax.tree.leaves(tree) if not x.sharding.is_fully_replicated]
 
-    params_sharded = sharded_leaves(fs_state["params"])
+    params_sharded = sharded_leaves(fs_state.params)
     fractions = {x.addressable_shards[0].data.size / x.size for x in params_sharded}
     fs = shd.to_host(fs_state)
     results["fsdp"] = dict(
-        losses=fs_losses, ref_losses=ref_losses, max_param_diff=_max_diff(fs["params"], ref["params"]),
-        max_ema_diff=_max_diff(fs["ema_params"], ref["ema_params"]), sharded_params=len(params_sharded),
-        sharded_opt_leaves=len(sharded_leaves(fs_state["opt_state"])), max_shard_fraction=max(fractions),
-        rule_replicated_head=bool(fs_state["params"]["head"]["kernel"].sharding.is_fully_replicated
-                                  and fs_state["params"]["head"]["kernel"].size >= 256))
+        losses=fs_losses, ref_losses=ref_losses, max_param_diff=_max_diff(fs.params, ref.params),
+        max_ema_diff=_max_diff(fs.ema_params, ref.ema_params), sharded_params=len(params_sharded),
+        sharded_opt_leaves=len(sharded_leaves(fs_state.opt_state)), max_shard_fraction=max(fractions),
+        rule_replicated_head=bool(fs_state.params["head"]["kernel"].sharding.is_fully_replicated
+                                  and fs_state.params["head"]["kernel"].size >= 256))
 
     class Small(nnx.Module):  # no BatchNorm, no drop path
         def __init__(self, rngs):
@@ -204,8 +205,8 @@ def _worker(out_path: str) -> None:
     _, acc_state, acc_losses, _ = _run(small, shd.make_mesh(), batches, num_classes=num_classes, accum=2)
     results["accumulation"] = dict(
         losses=acc_losses, ref_losses=big_losses,
-        max_param_diff=_max_diff(shd.to_host(acc_state["params"]), shd.to_host(big_state["params"])),
-        param_change=_max_diff(shd.to_host(big_state["params"]), initial))
+        max_param_diff=_max_diff(shd.to_host(acc_state.params), shd.to_host(big_state.params)),
+        param_change=_max_diff(shd.to_host(big_state.params), initial))
     Path(out_path).write_text(json.dumps(results))
 
 

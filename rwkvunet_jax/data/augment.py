@@ -21,11 +21,12 @@ Recipes (``RECIPES``), each ending at the network size:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-Pair = tuple[np.ndarray, np.ndarray]
+ImageLabel = tuple[np.ndarray, np.ndarray]
 
 
 def resize(array: np.ndarray, size: tuple[int, int], order: int) -> np.ndarray:
@@ -42,12 +43,12 @@ def resize(array: np.ndarray, size: tuple[int, int], order: int) -> np.ndarray:
     return out
 
 
-def resize_pair(image: np.ndarray, label: np.ndarray, size: tuple[int, int], image_order: int) -> Pair:
+def resize_pair(image: np.ndarray, label: np.ndarray, size: tuple[int, int], image_order: int) -> ImageLabel:
     """Resizes image (with ``image_order``) and label (nearest) to ``size``."""
     return resize(image, size, image_order).astype(np.float32), resize(label, size, 0).astype(np.int32)
 
 
-def rot90_flip(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, *, square: bool = True) -> Pair:
+def rot90_flip(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, *, square: bool = True) -> ImageLabel:
     """Rotation by k * 90 degrees then a flip along a random axis (TransUNet ``random_rot_flip``)."""
     k = int(rng.integers(0, 4)) if square else 2 * int(rng.integers(0, 2))
     axis = int(rng.integers(0, 2))
@@ -55,7 +56,7 @@ def rot90_flip(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, *
     return np.flip(image, axis).copy(), np.flip(label, axis).copy()
 
 
-def rotate(image: np.ndarray, label: np.ndarray, angle: float, *, image_order: int) -> Pair:
+def rotate(image: np.ndarray, label: np.ndarray, angle: float, *, image_order: int) -> ImageLabel:
     """Rotation about the centre by ``angle`` degrees, same size, zero fill; label nearest."""
     from scipy import ndimage
 
@@ -73,7 +74,7 @@ def brightness_contrast(image: np.ndarray, rng: np.random.Generator) -> np.ndarr
     return np.clip(image, 0.0, high).astype(np.float32)
 
 
-def random_crop(image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> Pair:
+def random_crop(image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> ImageLabel:
     """Crop of ratio U(0.8, 1.2) (capped at the full size) at a random position, nearest-resized back."""
     height, width = label.shape
     ratio = min(rng.uniform(0.8, 1.2), 1.0)
@@ -88,7 +89,7 @@ def random_crop(image: np.ndarray, label: np.ndarray, rng: np.random.Generator) 
 # ----------------------------------------------------------------------------- recipes
 
 
-def synapse_recipe(image, label, rng, *, size, rot_flip: bool = False) -> Pair:
+def synapse_recipe(image, label, rng, *, size, rot_flip: bool = False) -> ImageLabel:
     """The official Synapse training augmentation (see the module docstring)."""
     if rot_flip:
         if rng.random() > 0.5:
@@ -102,7 +103,7 @@ def synapse_recipe(image, label, rng, *, size, rot_flip: bool = False) -> Pair:
     return resize_pair(image, label, size, image_order=0)
 
 
-def acdc_recipe(image, label, rng, *, size) -> Pair:
+def acdc_recipe(image, label, rng, *, size) -> ImageLabel:
     """The official ACDC training augmentation (see the module docstring)."""
     if rng.random() < 0.5:
         image, label = rot90_flip(image, label, rng, square=image.shape[0] == image.shape[1])
@@ -115,7 +116,7 @@ def acdc_recipe(image, label, rng, *, size) -> Pair:
     return resize_pair(image, label, size, image_order=0)
 
 
-def binary_recipe(image, label, rng, *, size) -> Pair:
+def binary_recipe(image, label, rng, *, size) -> ImageLabel:
     """Our augmentation for the binary datasets (see the module docstring)."""
     image, label = resize_pair(image, label, size, image_order=1)
     if rng.random() < 0.5:
@@ -131,13 +132,13 @@ def binary_recipe(image, label, rng, *, size) -> Pair:
     return np.ascontiguousarray(image, np.float32), np.ascontiguousarray(label, np.int32)
 
 
-def no_recipe(image, label, rng, *, size) -> Pair:
+def no_recipe(image, label, rng, *, size) -> ImageLabel:
     """Resize only: bilinear image, nearest label."""
     del rng
     return resize_pair(image, label, size, image_order=1)
 
 
-RECIPES: dict[str, Callable[..., Pair]] = {
+RECIPES: dict[str, Callable[..., ImageLabel]] = {
     "synapse": synapse_recipe,
     "acdc": acdc_recipe,
     "binary": binary_recipe,
@@ -146,7 +147,7 @@ RECIPES: dict[str, Callable[..., Pair]] = {
 
 
 def augment(name: str, image: np.ndarray, label: np.ndarray, rng: np.random.Generator, *,
-            size: tuple[int, int], **options) -> Pair:
+            size: tuple[int, int], **options) -> ImageLabel:
     """Applies recipe ``name`` and returns (image (h, w, C) float32, label (h, w) int32) at ``size``."""
     if name not in RECIPES:
         raise ValueError(f"unknown augmentation {name!r}; expected one of {tuple(RECIPES)}")
@@ -154,3 +155,30 @@ def augment(name: str, image: np.ndarray, label: np.ndarray, rng: np.random.Gene
         image = image[..., None]
     image, label = RECIPES[name](image, label, rng, size=tuple(size), **options)
     return np.ascontiguousarray(image, np.float32), np.ascontiguousarray(label, np.int32)
+
+
+def check_size(image_size: Sequence[int]) -> tuple[int, int]:
+    """``(height, width)`` as ints; ValueError unless two positive numbers."""
+    size = tuple(int(s) for s in image_size)
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"image_size must be (height, width) of positive ints, got {image_size!r}")
+    return size
+
+
+class RecipeTransform:
+    """Recipe ``recipe`` as a picklable grain random map: (example dict, rng) -> {"image", "label"} at ``size``.
+
+    ``options`` go to the recipe (e.g. ``rot_flip=True`` for synapse).
+    """
+
+    def __init__(self, recipe: str, size: Sequence[int], **options: Any):
+        if recipe not in RECIPES:
+            raise ValueError(f"unknown augmentation {recipe!r}; expected one of {tuple(RECIPES)}")
+        self.recipe, self.size, self.options = recipe, check_size(size), dict(options)
+
+    def __call__(self, example: Mapping[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        image, label = augment(self.recipe, example["image"], example["label"], rng, size=self.size, **self.options)
+        return {"image": image, "label": label}
+
+    def __repr__(self) -> str:
+        return f"RecipeTransform({self.recipe!r}, size={self.size}, options={self.options})"

@@ -7,15 +7,11 @@ Sources (random access, picklable, yield ``{"image": uint8 (H, W, 3), "label": i
   (``tfds build imagenet2012 --file_format=array_record``, the archives in the manual directory).
 * :class:`ImageFolderSource`: ``<root>/<class name>/<image files>``; classes sorted by name.
 
-Training order (grain ``MapDataset``, lazy and random access), the same for any number of hosts::
-
-    source -> shuffle(seed) -> repeat (reshuffled every epoch) -> augment(seed)
-           -> element j to process j % process_count -> batch(local_batch) -> [Mixup/CutMix]
-
-so every host reads only its own share, the global batch at step k is the same examples with the
-same augmentation however many hosts there are, and ``iterator.get_state()`` / ``set_state()``
-resumes at the exact next batch. Images stay uint8 until the device normalises them
-(:data:`IMAGENET_MEAN`, :data:`IMAGENET_STD`), which keeps host-to-device traffic small.
+Training batches come from the one grain builder, :func:`rwkvunet_jax.data.pipeline.train_iterator`,
+with :class:`TrainTransform` per image and optionally :class:`~rwkvunet_jax.data.mixup.MixupCutmix` per
+batch: every host reads only its own share, and the global batch at step k is the same examples with the
+same augmentation however many hosts there are. Images stay uint8 (the trainer normalises them on the
+device with :data:`IMAGENET_MEAN` and :data:`IMAGENET_STD`), which keeps host-to-device traffic small.
 
 Evaluation gives every process the same number of batches (collective steps need that); the padding
 rows carry ``valid == False``.
@@ -24,15 +20,13 @@ rows carry ``valid == False``.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from rwkvunet_jax.data.mixup import MixupCutmix
-from rwkvunet_jax.data.pipeline import allow_worker_processes
+from rwkvunet_jax.data.pipeline import prefetched
 from rwkvunet_jax.data.randaugment import (IMAGENET_MEAN, IMAGENET_STD, RandAugmentPolicy, color_jitter,
                                            rand_augment, random_resized_crop, resize_shorter_and_center_crop)
 
@@ -41,7 +35,7 @@ TFDS_SPLITS = {"train": "train", "val": "validation", "validation": "validation"
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "ImageFolderSource", "TfdsSource", "make_source", "TrainTransform",
-    "EvalTransform", "train_iterator", "eval_batches", "num_eval_batches", "write_fake_imagefolder",
+    "EvalTransform", "eval_batches", "num_eval_batches", "write_fake_imagefolder",
 ]
 
 
@@ -220,47 +214,6 @@ class EvalTransform:
 # ----------------------------------------------------------------------------- pipelines
 
 
-def auto_worker_count(requested: int) -> int:
-    """``requested`` if >= 0, else one worker per CPU core of this host minus two (at least 1)."""
-    if requested >= 0:
-        return int(requested)
-    return max(1, (os.cpu_count() or 2) - 2)
-
-
-def train_iterator(source, *, image_size: int, local_batch: int, seed: int, process_index: int = 0,
-                   process_count: int = 1, transform: Mapping[str, Any] | None = None,
-                   mixing: MixupCutmix | None = None, worker_count: int = 0, prefetch_batches: int = 4):
-    """Infinite training batches ``{"image": uint8 (b, S, S, 3), "label": int32 (b,)}`` for this process.
-
-    ``transform``: keyword arguments of :class:`TrainTransform`. ``mixing``: a :class:`MixupCutmix`, which
-    adds ``"target"`` (b, num_classes) float32. ``worker_count`` > 0 decodes and augments in that many
-    processes. Returns a grain ``DatasetIterator`` (JSON ``get_state()`` / ``set_state()``).
-    """
-    import grain
-
-    if local_batch < 1:
-        raise ValueError(f"local_batch must be positive, got {local_batch}")
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, {process_count}")
-    if len(source) < process_count * local_batch:
-        raise ValueError(f"{source!r} has {len(source)} examples, fewer than one global batch "
-                         f"({process_count} x {local_batch})")
-    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
-    ds = ds.random_map(TrainTransform(image_size, **dict(transform or {})), seed=seed)
-    if process_count > 1:
-        ds = ds[process_index::process_count]
-    ds = ds.batch(local_batch, drop_remainder=True)
-    if mixing is not None:
-        # Seeded per process so hosts pick different mixing coefficients for their halves.
-        ds = ds.random_map(mixing, seed=seed * 7919 + process_index + 1)
-    # Each element is a whole batch here, so threads beyond the buffer size would sit idle.
-    iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=prefetch_batches, prefetch_buffer_size=prefetch_batches))
-    if worker_count > 0:
-        allow_worker_processes()
-        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    return iter(iter_ds)
-
-
 class _PaddedShard:
     """This process's share ``index::count`` of a source, padded to ``length`` with flagged repeats."""
 
@@ -300,21 +253,7 @@ def eval_batches(source, *, image_size: int, local_batch: int, crop_pct: float =
     shard = _PaddedShard(source, process_index, process_count, batches * local_batch)
     ds = grain.MapDataset.source(shard).map(EvalTransform(image_size, crop_pct=crop_pct,
                                                           interpolation=interpolation))
-    iter_ds = ds.batch(local_batch).to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
-    if worker_count > 0:
-        allow_worker_processes()
-        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    return iter(iter_ds)
-
-
-def normalize_on_device(images, dtype=None):
-    """uint8 (..., 3) -> float ``(x / 255 - mean) / std`` (use inside jit; works on numpy too)."""
-    import jax.numpy as jnp
-
-    mean = jnp.asarray(IMAGENET_MEAN, jnp.float32) * 255.0
-    std = jnp.asarray(IMAGENET_STD, jnp.float32) * 255.0
-    out = (images.astype(jnp.float32) - mean) / std
-    return out if dtype is None else out.astype(dtype)
+    return prefetched(ds.batch(local_batch), read_threads=2, prefetch_buffer_size=2, worker_count=worker_count)
 
 
 # ----------------------------------------------------------------------------- fake data

@@ -1,85 +1,81 @@
-"""Input pipelines: an infinite, resumable, sharded grain iterator for training and plain eval batches.
+"""Input pipelines: the one grain training iterator (infinite, resumable, sharded) and plain eval batches.
 
-Training order (grain ``MapDataset``, lazy and random-access)::
+Training order (grain ``MapDataset``, lazy and random-access), for every task::
 
-    source -> shuffle(seed) -> repeat(forever, reshuffled every epoch) -> augment(seed)
-           -> every shard_count-th element from shard_index -> batch(drop_remainder) -> iterator
+    source -> shuffle(seed) -> repeat(forever, reshuffled every epoch) -> transform(seed)
+           -> every shard_count-th element from shard_index -> batch(drop_remainder)
+           -> [batch_transform] -> prefetch (threads, or worker processes) -> iterator
 
-The shuffle and the augmentation seeds cover the global stream and each host keeps every
+The shuffle and the transform seeds cover the global stream and each host keeps every
 ``shard_count``-th element of it, so hosts see disjoint examples within an epoch, no example is dropped,
-and every position has its own augmentation randomness. An iterator state (``it.get_state()``) restores
-into a fresh iterator built with the same arguments (``it.set_state(state)``) and continues with the
-exact next batch, with or without worker processes.
+the global batch at step k is the same whatever the number of hosts, and every position has its own
+augmentation randomness. An iterator state (``it.get_state()``) restores into a fresh iterator built
+with the same arguments (``it.set_state(state)``, or grain's Orbax handler) and continues with the exact
+next batch, with or without worker processes. The transforms: :class:`~rwkvunet_jax.data.augment.RecipeTransform`
+(segmentation recipes) and :class:`~rwkvunet_jax.data.imagenet.TrainTransform` (ImageNet).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import os
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
-from rwkvunet_jax.data.augment import RECIPES, augment, resize_pair
+from rwkvunet_jax.data.augment import check_size, resize_pair
 
 
-class _Augment:
-    """(example dict, rng) -> {"image", "label"} at the network size; a picklable grain random map."""
-
-    def __init__(self, recipe: str, size: tuple[int, int], options: Mapping[str, Any]):
-        self.recipe, self.size, self.options = recipe, tuple(size), dict(options)
-
-    def __call__(self, example: dict, rng: np.random.Generator) -> dict:
-        image, label = augment(self.recipe, example["image"], example["label"], rng, size=self.size,
-                               **self.options)
-        return {"image": image, "label": label}
-
-    def __repr__(self) -> str:
-        return f"Augment({self.recipe!r}, size={self.size}, options={self.options})"
-
-
-def _check_size(image_size: Sequence[int]) -> tuple[int, int]:
-    size = tuple(int(s) for s in image_size)
-    if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"image_size must be (height, width) of positive ints, got {image_size!r}")
-    return size
-
-
-def train_iterator(source, *, augment: str, image_size: Sequence[int], batch_size: int, seed: int,
-                   shard_index: int = 0, shard_count: int = 1, worker_count: int = 0,
-                   augment_options: Mapping[str, Any] | None = None, read_threads: int = 4,
+def train_iterator(source, transform, *, batch_size: int, seed: int, shard_index: int = 0, shard_count: int = 1,
+                   batch_transform: Any = None, worker_count: int = 0, read_threads: int = 4,
                    prefetch_buffer_size: int = 8):
-    """Infinite training batches ``{"image": f32 (B, H, W, C), "label": i32 (B, H, W)}`` (numpy).
+    """Infinite training batches of ``transform(example, rng)`` outputs for shard ``shard_index`` (numpy).
 
-    ``augment``: a recipe of :mod:`rwkvunet_jax.data.augment` ("synapse", "acdc", "binary", "none");
-    ``augment_options`` are passed to it (e.g. ``{"rot_flip": True}`` for synapse). ``worker_count`` > 0
-    runs loading and augmentation in that many processes. Returns a grain ``DatasetIterator``
-    (``get_state()`` / ``set_state()``, JSON-serialisable states; also usable with
-    ``grain.checkpoint.CheckpointSave``).
+    ``transform`` and ``batch_transform`` are picklable grain random maps ``(x, np.random.Generator) -> x``;
+    ``batch_transform`` (e.g. Mixup/CutMix) acts on whole batches, seeded per shard so that hosts draw
+    their own coefficients. ``worker_count`` > 0 runs reading and transforms in that many processes
+    (-1: one per CPU core minus two, see :func:`auto_worker_count`). Returns a grain ``DatasetIterator``
+    (``get_state()`` / ``set_state()``, JSON states; also saved by ``grain.checkpoint.CheckpointSave``).
     """
     import grain
 
-    size = _check_size(image_size)
-    if augment not in RECIPES:
-        raise ValueError(f"unknown augmentation {augment!r}; expected one of {tuple(RECIPES)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"need 0 <= shard_index < shard_count, got shard_index={shard_index}, "
                          f"shard_count={shard_count}")
-    if len(source) < shard_count:
-        raise ValueError(f"{source!r} has fewer examples ({len(source)}) than shards ({shard_count})")
-
+    if len(source) < shard_count * batch_size:
+        raise ValueError(f"{source!r} has {len(source)} examples, fewer than one global batch "
+                         f"({shard_count} x {batch_size})")
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
-    ds = ds.random_map(_Augment(augment, size, augment_options or {}), seed=seed)
+    ds = ds.random_map(transform, seed=seed)
     if shard_count > 1:
         ds = ds[shard_index::shard_count]
     ds = ds.batch(batch_size, drop_remainder=True)
-    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
-                                                 prefetch_buffer_size=prefetch_buffer_size))
-    if worker_count > 0:
+    if batch_transform is not None:
+        ds = ds.random_map(batch_transform, seed=seed * 7919 + shard_index + 1)
+    return prefetched(ds, read_threads=read_threads, prefetch_buffer_size=prefetch_buffer_size,
+                      worker_count=worker_count)
+
+
+def prefetched(ds, *, read_threads: int, prefetch_buffer_size: int, worker_count: int = 0):
+    """An iterator over grain ``MapDataset`` ``ds``, read ahead by threads, or by worker processes when
+    ``worker_count`` is not 0 (see :func:`auto_worker_count`)."""
+    import grain
+
+    iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_buffer_size))
+    workers = auto_worker_count(worker_count)
+    if workers > 0:
         allow_worker_processes()
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    return iter(it_ds)
+        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return iter(iter_ds)
+
+
+def auto_worker_count(requested: int) -> int:
+    """``requested`` if >= 0, else one worker per CPU core of this host minus two (at least 1)."""
+    if requested >= 0:
+        return int(requested)
+    return max(1, (os.cpu_count() or 2) - 2)
 
 
 def allow_worker_processes() -> None:
@@ -100,7 +96,7 @@ def eval_batches(source, *, image_size: Sequence[int], batch_size: int, image_or
     unless ``pad_last`` (then it is zero-padded to ``batch_size``, ``valid`` marks the real rows, and ``id``
     and ``orig_label`` list the real rows only), which keeps one compiled shape.
     """
-    size = _check_size(image_size)
+    size = check_size(image_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     for start in range(0, len(source), batch_size):

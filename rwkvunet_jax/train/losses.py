@@ -1,10 +1,12 @@
-"""Segmentation losses of the official recipes (NHWC logits, integer labels).
+"""Losses of the official recipes: segmentation (NHWC logits, integer labels) and classification.
 
 * Multi-class (Synapse, ACDC, phantom): ``ce_weight * CE + dice_weight * Dice`` where CE is the mean
   cross entropy over the pixels whose label is not ``ignore_index`` (``torch.nn.CrossEntropyLoss``) and
   Dice is the official soft Dice of the softmax probabilities (see :func:`soft_dice_loss`).
 * Binary (one output channel): ``ce_weight * BCE + dice_weight * Dice`` on the sigmoid, the loss of the
   binary benchmarks the paper compares against (0.5 BCE + 1 Dice); Dice per image, then batch mean.
+* Classification (ImageNet pretraining): softmax cross entropy against soft targets (label smoothing,
+  or the Mixup/CutMix targets the input pipeline made).
 """
 
 from __future__ import annotations
@@ -88,3 +90,15 @@ def segmentation_loss(
 
 def _squeeze_channel(logits: jax.Array) -> jax.Array:
     return logits[..., 0] if logits.ndim == 4 else logits
+
+
+def soft_targets(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
+    """One-hot targets with label smoothing (``1 - eps + eps/K`` on the label, ``eps/K`` elsewhere)."""
+    return optax.smooth_labels(jax.nn.one_hot(labels, num_classes, dtype=jnp.float32), smoothing)
+
+
+def classification_loss(logits: jax.Array, batch, *, num_classes: int, label_smoothing: float
+                        ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean softmax cross entropy against ``batch["target"]`` (B, K) if present, else the smoothed labels."""
+    targets = batch["target"] if "target" in batch else soft_targets(batch["label"], num_classes, label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets).mean(), {}

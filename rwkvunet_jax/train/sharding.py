@@ -10,7 +10,7 @@ The batch is split over both axes, so ``make_mesh(data=-1)`` is plain data paral
 split is decided by :func:`state_shardings`: regex rules first, then a size rule (arrays with at least
 ``min_size`` elements are split along their largest dimension the ``fsdp`` axis divides).
 
-Typical use (also what the fine-tuning loop does, with the local devices only)::
+Typical use (what ``rwkvunet_jax.train.step.build_steps`` does; fine-tuning uses the local devices only)::
 
     mesh = make_mesh()                                         # all devices, data parallel
     shardings = state_shardings(state, mesh, fsdp=False)
@@ -180,12 +180,6 @@ def place(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(put, tree, shardings)
 
 
-def shard_params(tree: Any, mesh: Mesh, *, fsdp: bool = False, min_size: int = DEFAULT_FSDP_MIN_SIZE,
-                 rules: Iterable[Rule] = ()) -> Any:
-    """``place(tree, state_shardings(tree, mesh, ...))``: replicated, or FSDP-split by the rules."""
-    return place(tree, state_shardings(tree, mesh, fsdp=fsdp, min_size=min_size, rules=rules))
-
-
 def host_local_batch_to_global(batch: Mapping[str, np.ndarray] | np.ndarray, mesh: Mesh) -> Any:
     """Joins each process's share of a batch into global arrays split over the mesh's batch axes.
 
@@ -221,8 +215,6 @@ def to_host(tree: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------- multi-host runtime
-
-
 
 
 def initialize_distributed(
@@ -288,14 +280,3 @@ def sync(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
-
-
-def broadcast_flag(value: bool) -> bool:
-    """True on every process if ``value`` is true on any (a no-op on one process)."""
-    if jax.process_count() == 1:
-        return bool(value)
-    from jax.experimental import multihost_utils
-
-    flags = multihost_utils.process_allgather(np.asarray([int(bool(value))], np.int32))
-    return bool(np.asarray(flags).any())
-

@@ -1,21 +1,23 @@
-"""A model and its optax optimizer as one functional train state for ``jax.jit`` with shardings.
+"""A model and its optax optimizer as one functional train state, for ``jax.jit`` with shardings.
 
-The NNX model is split once into a static graph (one for training mode, one for inference mode) and
-pure array trees, so a train step is a plain function ``(TrainState, batch) -> (TrainState, metrics)``
-that is compiled once:
+The NNX model is split once into a static :class:`ModelDef` (graphs for training and inference mode,
+the RNG streams as host constants) and a :class:`TrainState` of pure array trees, so a train step is a
+plain function ``(TrainState, batch) -> (TrainState, metrics)`` compiled once:
 
 * ``params``: the ``nnx.Param`` arrays (what the optimizer updates);
-* ``model_state``: the other variables except RNG streams (BatchNorm statistics);
-* ``rngs``: the drop-path RNG streams as built (constant).
+* ``batch_stats``: the ``nnx.BatchStat`` arrays (BatchNorm running statistics);
+* ``opt_state``: the optax state; ``step``: updates done so far;
+* ``ema_params``, ``ema_batch_stats``: exponential moving averages of the two, or None without EMA.
 
-Drop-path randomness is re-derived at every step from ``fold_in(initial key, step)``, so it depends only on
-the seed and the step number: a run resumed from a checkpoint draws the same masks as an uninterrupted
-one without saving RNG state.
+Drop-path randomness is re-derived at every step as ``fold_in(initial key, step)`` (see
+:meth:`ModelDef.rngs`), so it depends only on the seed and the step number: a run resumed from a
+checkpoint draws the same masks as an uninterrupted one without saving RNG state.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import flax
@@ -25,159 +27,115 @@ import numpy as np
 import optax
 from flax import nnx
 
+Pytree = Any
+
 
 @flax.struct.dataclass
 class TrainState:
-    """Step counter, parameters, non-trainable model state and optimizer state (all arrays)."""
+    """Step counter, parameters, BatchNorm statistics, optimizer state and optional EMA (all arrays)."""
 
     step: jax.Array
-    params: Any
-    model_state: Any
-    opt_state: Any
-    rngs: Any  # the model's RNG streams as built; each step folds the step number into their keys
+    params: Pytree
+    batch_stats: Pytree
+    opt_state: Pytree
+    ema_params: Pytree = None
+    ema_batch_stats: Pytree = None
+
+    @property
+    def has_ema(self) -> bool:
+        return self.ema_params is not None
+
+    def weights(self, *, ema: bool = False) -> tuple[Pytree, Pytree]:
+        """``(params, batch_stats)``: the EMA copies with ``ema`` (an error if none are kept)."""
+        if ema and not self.has_ema:
+            raise ValueError("this train state keeps no EMA weights (ema_decay was 0)")
+        return (self.ema_params, self.ema_batch_stats) if ema else (self.params, self.batch_stats)
 
 
-@flax.struct.dataclass
-class ModelGraphs:
-    """The static halves of the split model: training-mode and inference-mode graph definitions."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class ModelDef:
+    """The static half of a split model: graph definitions and the RNG streams as host constants."""
 
-    train: Any = flax.struct.field(pytree_node=False)
-    eval: Any = flax.struct.field(pytree_node=False)
+    train_graph: Any
+    eval_graph: Any
+    rng_treedef: Any
+    rng_leaves: tuple  # (is_key, numpy data, key impl or None) per leaf of the non-array-state remainder
+
+    def rngs(self, step: jax.Array | int, *indices: jax.Array | int) -> Pytree:
+        """The model's RNG streams for update ``step``: every key becomes ``fold_in(key, step)``, then
+        ``fold_in`` of each of ``indices`` (micro-batch, BatchNorm group); other leaves stay as built."""
+        leaves = []
+        for is_key, data, impl in self.rng_leaves:
+            if is_key:
+                key = jax.random.fold_in(jax.random.wrap_key_data(jnp.asarray(data), impl=impl), step)
+                for index in indices:
+                    key = jax.random.fold_in(key, index)
+                leaves.append(key)
+            else:
+                leaves.append(jnp.asarray(data))
+        return jax.tree.unflatten(self.rng_treedef, leaves)
+
+    def apply(self, params: Pytree, batch_stats: Pytree, images: jax.Array, *, train: bool,
+              step: jax.Array | int = 0, indices: tuple = ()) -> tuple[jax.Array, Pytree]:
+        """``(float32 logits, new batch_stats)`` of a forward pass (drop path and batch statistics with ``train``)."""
+        graph = self.train_graph if train else self.eval_graph
+        rngs = self.rngs(step, *indices) if train else self.rngs(0)
+        module = nnx.merge(graph, nnx.State(params), nnx.State(batch_stats), nnx.State(rngs))
+        logits = module(images).astype(jnp.float32)
+        return logits, nnx.to_pure_dict(nnx.state(module, nnx.BatchStat))
+
+    def merge(self, params: Pytree, batch_stats: Pytree) -> nnx.Module:
+        """An NNX model (inference mode) carrying these weights (arrays copied)."""
+        return nnx.merge(self.eval_graph, nnx.State(params), nnx.State(batch_stats), nnx.State(self.rngs(0)),
+                         copy=True)
 
 
-def make_optimizer(
-    schedule: Callable[[Any], Any],
-    *,
-    weight_decay: float,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    grad_clip_norm: float = 0.0,
-) -> optax.GradientTransformation:
-    """AdamW (decoupled decay, applied to every parameter as the official scripts do), optional clipping."""
-    adamw = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
-    if grad_clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(grad_clip_norm), adamw)
-    return adamw
-
-
-def create_train_state(model: nnx.Module, tx: optax.GradientTransformation) -> tuple[ModelGraphs, TrainState]:
-    """Split ``model`` into graphs and a :class:`TrainState` at step 0 (the model object is not modified)."""
+def split_model(model: nnx.Module) -> tuple[ModelDef, Pytree, Pytree]:
+    """``(model_def, params, batch_stats)`` of ``model`` (left in training mode)."""
     model.train()
-    train_graph, params, rngs, model_state = nnx.split(model, nnx.Param, nnx.RngState, ...)
+    graph_train, params, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
     model.eval()
-    eval_graph = nnx.split(model, nnx.Param, nnx.RngState, ...)[0]
+    graph_eval = nnx.graphdef(model)
     model.train()
-    params, rngs, model_state = nnx.as_pure(params), nnx.as_pure(rngs), nnx.as_pure(model_state)
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, model_state=model_state, opt_state=tx.init(params), rngs=rngs
-    )
-    return ModelGraphs(train=train_graph, eval=eval_graph), state
+    leaves, treedef = jax.tree.flatten(nnx.to_pure_dict(rest))
+    entries = []
+    for leaf in leaves:
+        is_key = jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+        data = np.asarray(jax.random.key_data(leaf)) if is_key else np.asarray(leaf)
+        entries.append((is_key, data, jax.random.key_impl(leaf) if is_key else None))
+    model_def = ModelDef(graph_train, graph_eval, treedef, tuple(entries))
+    return model_def, nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
 
 
-def merge_model(graphs: ModelGraphs, state: TrainState, *, train: bool = False) -> nnx.Module:
-    """An NNX model carrying ``state``'s parameters and statistics (inference mode unless ``train``)."""
-    graph = graphs.train if train else graphs.eval
-    return nnx.merge(graph, state.params, state.rngs, state.model_state, copy=True)
+def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, *,
+                       ema: bool = False) -> tuple[ModelDef, TrainState]:
+    """Split ``model`` into its :class:`ModelDef` and a :class:`TrainState` at step 0 (the model is not changed)."""
+    model_def, params, batch_stats = split_model(model)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                       opt_state=tx.init(params), ema_params=params if ema else None,
+                       ema_batch_stats=batch_stats if ema else None)
+    return model_def, state
 
 
-def replace_model(graphs: ModelGraphs, state: TrainState, model: nnx.Module) -> TrainState:
-    """``state`` with the parameters and statistics taken from ``model`` (e.g. after loading weights)."""
-    _, params, _, model_state = nnx.split(model, nnx.Param, nnx.RngState, ...)
-    params, model_state = nnx.as_pure(params), nnx.as_pure(model_state)
-    _check_same_structure(state.params, params, "parameters")
-    _check_same_structure(state.model_state, model_state, "model statistics")
-    return state.replace(params=params, model_state=model_state)
+# ----------------------------------------------------------------------------- checkpoint format
 
 
-def make_train_step(
-    graphs: ModelGraphs,
-    tx: optax.GradientTransformation,
-    loss_fn: Callable[[jax.Array, jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]],
-    schedule: Callable[[Any], Any],
-) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
-    """The un-jitted train step: forward in training mode, loss, gradients, AdamW update.
-
-    ``loss_fn(logits, labels) -> (loss, parts)``. Metrics returned: ``loss``, each part, ``lr``,
-    ``grad_norm``; all scalars.
-    """
-
-    def step_fn(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
-        rngs = step_rngs(state.rngs, state.step)
-
-        def compute_loss(params, rngs, model_state):
-            model = nnx.merge(graphs.train, params, rngs, model_state)
-            logits = model(batch["image"])
-            loss, parts = loss_fn(logits, batch["label"])
-            new_model_state = nnx.as_pure(nnx.state(model, nnx.Not(nnx.Any(nnx.Param, nnx.RngState))))
-            return loss, (parts, new_model_state)
-
-        (loss, (parts, new_model_state)), grads = jax.value_and_grad(compute_loss, has_aux=True)(
-            state.params, rngs, state.model_state
-        )
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, **parts, "lr": jnp.asarray(schedule(state.step), jnp.float32),
-                   "grad_norm": optax.tree.norm(grads)}
-        new_state = state.replace(step=state.step + 1, params=params, model_state=new_model_state,
-                                  opt_state=opt_state)
-        return new_state, metrics
-
-    return step_fn
+def model_state(params: Pytree, batch_stats: Pytree) -> dict:
+    """The ``checkpoint.model_state`` format (one nested dict of parameters and BatchNorm statistics)."""
+    return _deep_merge(params, batch_stats)
 
 
-def make_predict_fn(graphs: ModelGraphs) -> Callable[[TrainState, jax.Array], jax.Array]:
-    """The un-jitted inference function ``(state, images) -> logits`` (inference mode: running BN stats)."""
-
-    def predict(state: TrainState, images: jax.Array) -> jax.Array:
-        model = nnx.merge(graphs.eval, state.params, state.rngs, state.model_state)
-        return model(images).astype(jnp.float32)
-
-    return predict
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Optimizer state as a flat pure dict for Orbax (its namedtuples would need a restore target anyway).
+def split_model_state(merged: Mapping, params_like: Pytree, batch_stats_like: Pytree) -> tuple[dict, dict]:
+    """Inverse of :func:`model_state`, taking the paths (and key types) of the two templates; ValueError
+    naming the entry when ``merged`` lacks one or holds another shape."""
+    params, batch_stats = _select_like(merged, params_like), _select_like(merged, batch_stats_like)
+    _check_same_structure(params_like, params, "parameters")
+    _check_same_structure(batch_stats_like, batch_stats, "BatchNorm statistics")
+    return params, batch_stats
 
 
-def opt_state_to_dict(opt_state: Any) -> dict[str, Any]:
-    """The optimizer state's leaves keyed by their zero-padded position (restore with the same optimizer)."""
-    leaves = jax.tree.leaves(opt_state)
-    return {f"{i:06d}": leaf for i, leaf in enumerate(leaves)}
-
-
-def opt_state_from_dict(template: Any, flat: Mapping[str, Any]) -> Any:
-    """Inverse of :func:`opt_state_to_dict` given a freshly initialised optimizer state as template."""
-    leaves, treedef = jax.tree.flatten(template)
-    if len(flat) != len(leaves):
-        raise ValueError(
-            f"optimizer state in the checkpoint has {len(flat)} arrays but this optimizer has {len(leaves)}; "
-            "was it written with a different optimizer configuration?"
-        )
-    restored = []
-    for i, leaf in enumerate(leaves):
-        value = flat[f"{i:06d}"]
-        if np.shape(value) != np.shape(leaf):
-            raise ValueError(f"optimizer state array {i}: checkpoint shape {np.shape(value)} != expected {np.shape(leaf)}")
-        restored.append(jnp.asarray(value, dtype=jnp.asarray(leaf).dtype))
-    return jax.tree.unflatten(treedef, restored)
-
-
-# ----------------------------------------------------------------------------------------------------------
-
-
-def step_rngs(rngs: Any, step: jax.Array) -> Any:
-    """The RNG streams for update ``step``: every key becomes ``fold_in(key, step)``, counters as built."""
-
-    def fold(x):
-        if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-            return jax.random.fold_in(x, step)
-        return x
-
-    return jax.tree.map(fold, rngs)
-
-
-def _check_same_structure(expected: Any, got: Any, what: str) -> None:
+def _check_same_structure(expected: Pytree, got: Pytree, what: str) -> None:
+    """ValueError naming the first differing paths or shapes of two trees."""
     exp = {jax.tree_util.keystr(p): np.shape(v) for p, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
     new = {jax.tree_util.keystr(p): np.shape(v) for p, v in jax.tree_util.tree_flatten_with_path(got)[0]}
     if exp.keys() != new.keys():
@@ -186,3 +144,22 @@ def _check_same_structure(expected: Any, got: Any, what: str) -> None:
     for key, shape in exp.items():
         if new[key] != shape:
             raise ValueError(f"{what}: {key} has shape {new[key]}, expected {shape}")
+
+
+def _deep_merge(a: Mapping, b: Mapping) -> dict:
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = _deep_merge(out[key], value) if key in out and isinstance(value, Mapping) else value
+    return out
+
+
+def _select_like(tree: Mapping, template: Mapping) -> dict:
+    """The entries of ``tree`` at the paths of ``template`` (keys matched as strings, template's key types)."""
+    by_str = {str(k): v for k, v in tree.items()}
+    out = {}
+    for key, sub in template.items():
+        if str(key) not in by_str:
+            raise ValueError(f"the weights lack entry {key!r} (they have {sorted(by_str)[:8]})")
+        value = by_str[str(key)]
+        out[key] = _select_like(value, sub) if isinstance(sub, Mapping) else value
+    return out
