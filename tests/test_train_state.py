@@ -144,9 +144,13 @@ def test_model_state_split_takes_weights_and_checks_structure(plain):
 # ----------------------------------------------------------------------------- step options by definition
 
 
-def test_ema_follows_its_definition():
+def test_ema_follows_its_definition_and_is_the_checkpoints_model(tmp_path):
+    from rwkvunet_jax.train import sharding
+    from rwkvunet_jax.train.checkpoints import TrainCheckpoints
+
     decay = 0.9
     _, state, step, _ = _setup(TinySegNet(), ema_decay=decay)
+    fresh = state
     expected = _leaves(state.params, state.batch_stats)  # the EMA starts at the initial weights
     for i in range(3):
         state, _ = step(state, _batch(i))
@@ -157,6 +161,18 @@ def test_ema_follows_its_definition():
     for a, b in zip(got, expected):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     assert max(float(np.abs(a - b).max()) for a, b in zip(got, _leaves(state.params, state.batch_stats))) > 1e-4
+
+    # A checkpoint's model item holds the EMA weights (what evaluate and predict read); a restore gives both.
+    with TrainCheckpoints(tmp_path / "ckpt") as checkpoints:
+        checkpoints.save(state, iterator=_iterator(), meta={"model": {}})
+    weights, _ = checkpoint.load_model_state(tmp_path / "ckpt")
+    for a, b in zip(_leaves(split_model_state(weights, state.params, state.batch_stats)), got):
+        np.testing.assert_array_equal(a, b)
+    shardings = jax.tree.map(lambda _: sharding.replicated(sharding.local_mesh()), fresh)
+    with TrainCheckpoints(tmp_path / "ckpt") as checkpoints:
+        restored, _ = checkpoints.restore(3, like=fresh, shardings=shardings)
+    for a, b in zip(_leaves(restored), _leaves(state)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_gradient_accumulation_averages_the_micro_batch_gradients():

@@ -90,23 +90,17 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation, loss_
             loss, parts, grads, new_stats = loss_and_grads(state.params, state.batch_stats, batch, step, ())
         else:
             def body(carry, xs):
-                grad_sum, loss_sum, parts_sum, stats = carry
+                grad_sum, stats = carry
                 micro_batch, micro = xs
                 loss, parts, grads, stats = loss_and_grads(state.params, stats, micro_batch, step, (micro,))
-                return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + loss,
-                        jax.tree.map(jnp.add, parts_sum, parts), stats), None
+                return (jax.tree.map(jnp.add, grad_sum, grads), stats), (loss, parts)
 
-            micro_batches = jax.tree.map(split, dict(batch))
-            first = jax.tree.map(lambda x: x[0], micro_batches)
-            parts_shape = jax.eval_shape(lambda b: loss_and_grads(state.params, state.batch_stats, b, step, (0,))[1],
-                                         first)
-            zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32),
-                     jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), parts_shape), state.batch_stats)
-            (grad_sum, loss_sum, parts_sum, new_stats), _ = jax.lax.scan(
-                body, zeros, (micro_batches, jnp.arange(accum_steps)))
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            (grad_sum, new_stats), (micro_losses, micro_parts) = jax.lax.scan(
+                body, (zeros, state.batch_stats), (jax.tree.map(split, dict(batch)), jnp.arange(accum_steps)))
             grads = jax.tree.map(lambda g: g / accum_steps, grad_sum)
-            loss = loss_sum / accum_steps
-            parts = jax.tree.map(lambda p: p / accum_steps, parts_sum)
+            loss = micro_losses.mean()
+            parts = jax.tree.map(lambda p: p.mean(axis=0), micro_parts)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(step=step + 1, params=params, batch_stats=new_stats, opt_state=opt_state)
@@ -122,14 +116,10 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation, loss_
     return train_step
 
 
-def make_predict_fn(model_def: ModelDef, *, input_fn: InputFn | None = None) -> Callable:
-    """The un-jitted inference function ``(params, batch_stats, images) -> float32 logits`` (running statistics).
-
-    ``input_fn`` maps the images first (e.g. uint8 -> normalised float).
-    """
+def make_predict_fn(model_def: ModelDef) -> Callable:
+    """The un-jitted inference function ``(params, batch_stats, images) -> float32 logits`` (running statistics)."""
 
     def predict(params, batch_stats, images):
-        images = input_fn({"image": images}) if input_fn is not None else images
         return model_def.apply(params, batch_stats, images, train=False)[0]
 
     return predict
