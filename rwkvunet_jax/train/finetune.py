@@ -1,7 +1,7 @@
 """Fine-tuning a segmentation model from a config (``rwkvunet finetune``), readable top to bottom.
 
 config -> mesh (data parallel over the local devices) -> data -> model (+ pretrained encoder) ->
-optimizer -> restore the latest checkpoint if there is one -> loop (tqdm with loss and lr; metrics to
+optimizer -> restore the latest checkpoint if there is one -> loop (progress bar with loss and lr; metrics to
 TensorBoard, CSV and JSON lines; periodic validation; periodic and best checkpoints) -> progress.png ->
 final evaluation of the best (or last) weights on the test split.
 
@@ -34,6 +34,7 @@ from rwkvunet_jax.eval.report import plot_progress
 from rwkvunet_jax.train import losses, schedules, sharding
 from rwkvunet_jax.train import state as train_state
 from rwkvunet_jax.train.metric_writer import MetricWriter, read_metrics
+from rwkvunet_jax.train.progress import step_bar
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def train_and_evaluate(config: Any, workdir: str | Path, *, stop_after_step: int
     # --- loop --------------------------------------------------------------------------------------------
     start_step = int(resume_step or 0)
     writer = MetricWriter(workdir, resume_step=resume_step)
-    bar = _progress_bar(progress, start_step, total_steps)
+    bar = step_bar(progress, total=total_steps, initial=start_step, desc="finetune")
     window: list[tuple[int, dict[str, jax.Array]]] = []
     window_start = time.perf_counter()
     step = start_step
@@ -388,14 +389,6 @@ def _iterator_state(train_iter) -> dict[str, Any]:
 def _set_iterator_state(train_iter, saved: dict[str, Any]) -> None:
     state = saved["state"]
     train_iter.set_state(state.encode("utf-8") if saved.get("encoding") == "bytes" else state)
-
-
-def _progress_bar(enabled: bool, start: int, total: int):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=start, desc="finetune", dynamic_ncols=True)
 
 
 def _jsonable(record: dict) -> dict:
