@@ -21,7 +21,7 @@ def test_short_demo_produces_every_artefact(tmp_path, capsys):
     assert set(metrics["per_class"]) == {"liver", "kidney", "spleen", "vessel"}  # foreground classes only
     assert len(metrics["cases"]) == 2
     assert (workdir / "progress.png").stat().st_size > 0
-    assert len(list((workdir / "eval" / "overlays").glob("*.png"))) == 2
+    assert len(list((workdir / "eval_test" / "overlays").glob("*.png"))) == 2
     assert (workdir / "data" / "phantom.json").is_file()
     assert list((workdir / "tensorboard").glob("events.*"))
     model = ckpt.load_model(workdir)

@@ -60,14 +60,14 @@ def test_run_lowers_the_loss_and_writes_every_artefact(finished_run):
     losses = _losses(workdir)
     assert [s for s, _ in losses] == list(range(1, 7))
     assert np.mean([v for _, v in losses[-2:]]) < np.mean([v for _, v in losses[:2]]), losses
-    for name in ("progress.png", "metrics.csv", "metrics.jsonl", "config.json", "eval/metrics.json",
-                 "eval/metrics.csv"):
+    for name in ("progress.png", "metrics.csv", "metrics.jsonl", "config.json", "eval_test/metrics.json",
+                 "eval_test/metrics.csv"):
         assert (workdir / name).is_file(), name
     assert list((workdir / "tensorboard").glob("events.*"))
-    assert len(list((workdir / "eval" / "overlays").glob("*.png"))) == 2
+    assert len(list((workdir / "eval_test" / "overlays").glob("*.png"))) == 2
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [4, 6]
     assert [p.name for p in (workdir / "checkpoints_best").iterdir() if p.name.isdigit()] == [str(summary["best"]["step"])]
-    metrics = json.loads((workdir / "eval" / "metrics.json").read_text())
+    metrics = json.loads((workdir / "eval_test" / "metrics.json").read_text())
     assert set(metrics["per_class"]) == {"liver", "kidney"} and 0 <= metrics["mean_dice"] <= 1
     vals = [r for r in read_metrics(workdir) if "val/mean_dice" in r]
     assert [r["step"] for r in vals] == [3, 6]
@@ -108,7 +108,7 @@ def test_killed_run_resumes_at_the_saved_step_with_the_same_batches(tmp_path, fi
     assert [s for s, _ in ours] == [s for s, _ in reference] == list(range(1, 7))
     np.testing.assert_allclose([v for _, v in ours], [v for _, v in reference], rtol=1e-6, atol=1e-6)
     assert resumed["metrics"]["mean_dice"] == pytest.approx(
-        json.loads((full_dir / "eval" / "metrics.json").read_text())["mean_dice"], abs=1e-6)
+        json.loads((full_dir / "eval_test" / "metrics.json").read_text())["mean_dice"], abs=1e-6)
 
 
 def test_evaluate_command_reads_the_run_and_agrees(finished_run, phantom_root, tmp_path, capsys):

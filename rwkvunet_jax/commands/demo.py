@@ -5,7 +5,7 @@
 
 Writes into WORKDIR: data/ (the phantom dataset), checkpoints/ and checkpoints_best/ (Orbax), metrics.json
 (mean Dice and HD95 over the foreground classes of the held-out test images, per class and per image),
-eval/ (metrics.csv, overlays/), progress.png, metrics.jsonl/.csv, tensorboard/, and
+eval_test/ (metrics.csv, overlays/), progress.png, metrics.jsonl/.csv, tensorboard/, and
 export/rwkv_unet_t.pth (the official PyTorch state_dict layout) when torch is installed.
 Rerunning the same command resumes an interrupted demo.
 """
@@ -115,11 +115,13 @@ def main(argv: list[str]) -> int:
           f"{config.phantom.num_test} test images, {config.phantom.image_size[0]}x{config.phantom.image_size[1]}, "
           f"{config.phantom.num_classes - 1} organs)")
 
+    from rwkvunet_jax.eval.evaluate import eval_dir
     from rwkvunet_jax.train.finetune import train_and_evaluate
 
     summary = train_and_evaluate(config, workdir, progress=not args.no_progress)
     metrics = summary["metrics"]
-    (workdir / "metrics.json").write_text((workdir / "eval" / "metrics.json").read_text())
+    test_dir = eval_dir(workdir, config.data.test_split)
+    (workdir / "metrics.json").write_text((test_dir / "metrics.json").read_text())
     export = "skipped (--no-export)" if args.no_export else export_torch(workdir)
     minutes = (time.perf_counter() - start) / 60
     per_class = ", ".join(f"{k} {v['dice']:.3f}" for k, v in metrics["per_class"].items())
@@ -128,8 +130,8 @@ def main(argv: list[str]) -> int:
         f"RWKV-UNet-T demo finished in {minutes:.1f} min ({summary['step']} steps)",
         f"held-out mean Dice {metrics['mean_dice']:.4f} ({per_class}); mean HD95 {metrics['mean_hd95']:.2f} px",
         f"  metrics        {workdir / 'metrics.json'}",
-        f"  per image      {workdir / 'eval' / 'metrics.csv'}",
-        f"  overlays       {workdir / 'eval' / 'overlays'}",
+        f"  per image      {test_dir / 'metrics.csv'}",
+        f"  overlays       {test_dir / 'overlays'} (worst, median and best test images)",
         f"  progress plot  {workdir / 'progress.png'}",
         f"  checkpoints    {workdir / 'checkpoints'} (best: {workdir / 'checkpoints_best'})",
         f"  logs           {workdir / 'metrics.jsonl'}, {workdir / 'tensorboard'}",

@@ -10,7 +10,7 @@ Work directory::
     WORKDIR/checkpoints/<step>/        model, optimizer, data (grain iterator state), meta  (periodic)
     WORKDIR/checkpoints_best/<step>/   the same, for the best validation mean Dice
     WORKDIR/metrics.{jsonl,csv}, WORKDIR/tensorboard/, WORKDIR/progress.png, WORKDIR/config.json
-    WORKDIR/eval/metrics.{json,csv}, WORKDIR/eval/overlays/*.png
+    WORKDIR/eval_<test split>/metrics.{json,csv}, .../overlays/*.png  (as `rwkvunet evaluate` writes them)
 
 Rerunning the same command after a kill resumes at the last saved step with the same data order: the
 grain iterator state is saved with every checkpoint, and drop-path masks depend only on the seed and the
@@ -184,13 +184,14 @@ def train_and_evaluate(config: Any, workdir: str | Path, *, stop_after_step: int
             state = restore_weights_only(workdir / ckpt.BEST_CHECKPOINTS_DIR, graphs, state, model, replicated)
             print(f"testing the best checkpoint (step {best['step']}, validation mean Dice "
                   f"{best['val/mean_dice']:.4f})")
-        from rwkvunet_jax.eval.evaluate import evaluate_dataset
+        from rwkvunet_jax.eval.evaluate import eval_dir, evaluate_dataset
 
         summary["metrics"] = evaluate_dataset(
             predict_fn, dataset=config.dataset, root=root, split=config.data.test_split,
             split_seed=config.data.split_seed, protocol=config.eval.protocol, num_outputs=config.model.num_classes,
             image_size=tuple(config.data.image_size), batch_size=config.eval.batch_size, tta=config.eval.tta,
-            class_names=tuple(config.class_names), outdir=workdir / "eval", num_overlays=config.eval.num_overlays,
+            class_names=tuple(config.class_names), outdir=eval_dir(workdir, config.data.test_split),
+            num_overlays=config.eval.num_overlays,
             paper=dict(config.paper), progress=progress)
     return summary
 
