@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from rwkvunet_jax import checkpoint as ckpt
+from rwkvunet_jax.commands.parsing import load_config
 from rwkvunet_jax.train import finetune
-from rwkvunet_jax.train.cli_config import parse_config_argv
 from rwkvunet_jax.train.metric_writer import read_metrics
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -39,8 +39,7 @@ def tiny_config(root, *extra):
             "--config.eval.num_overlays=2", "--config.checkpoint.keep=2"]
     replaced = {e.split("=")[0] for e in extra}
     argv = [a for a in argv if a.split("=")[0] not in replaced] + list(extra)
-    config, _ = parse_config_argv(["--config", f"{CONFIGS / 'demo.py'}", *argv], prog="test")
-    return config
+    return load_config(str(CONFIGS / "demo.py"), argv)
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +116,7 @@ def test_evaluate_command_reads_the_run_and_agrees(finished_run, phantom_root, t
     workdir, summary = finished_run
     argv = ["--config", str(CONFIGS / "demo.py"), f"--config.data.root={phantom_root}",
             "--config.data.image_size=(32,32)", *TINY, "--checkpoint", str(workdir), "--outdir", str(tmp_path / "ev"),
-            "--noprogress"]
+            "--no-progress"]
     assert evaluate.main(argv) == 0
     got = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert got["mean_dice"] == pytest.approx(summary["metrics"]["mean_dice"], abs=1e-6)
