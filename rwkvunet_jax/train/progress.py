@@ -2,7 +2,9 @@
 
 The first call of a jitted train step compiles it, which takes minutes for the full models on a CPU;
 counted as a step, it would make tqdm's rate and ETA absurd (hours for a ten-minute run). The bar
-therefore says "compiling" until the first step returns and starts its clock and rate there.
+therefore says "compiling" until the first step returns and starts its clock and rate there. The rate
+is the average since then (tqdm ``smoothing=0``): steps are dispatched asynchronously and counted in
+bursts whenever the loop waits for metrics, which makes tqdm's default moving average swing by 4x.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ class StepBar:
     def __init__(self, *, total: int, initial: int, desc: str, **tqdm_kwargs: Any):
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
-                        bar_format="{desc}: {n_fmt}/{total_fmt} [{elapsed}]{postfix}", **tqdm_kwargs)
+        options = dict(unit="step", dynamic_ncols=True, smoothing=0.0,
+                       bar_format="{desc}: {n_fmt}/{total_fmt} [{elapsed}]{postfix}")
+        self.bar = tqdm(total=total, initial=initial, desc=desc, **{**options, **tqdm_kwargs})
         self.bar.set_postfix_str(COMPILING)
         self.compiling = True
 
