@@ -85,6 +85,7 @@ def test_configs_paths_work_from_outside_the_checkout(tmp_path, monkeypatch, cap
     monkeypatch.chdir(tmp_path)
     assert load_config("configs/synapse.py:s").model.name == "rwkv_unet_s"
     assert load_config("acdc.py:t").dataset == "acdc"
+    assert load_config("synapse:t").model.name == "rwkv_unet_t"
     # Through a command: the config loads, and the first problem is the checkpoint that is not there.
     line = fails(capsys, ["evaluate", "--config", "configs/synapse.py:b", "--checkpoint", str(tmp_path / "none")])
     assert "checkpoint path does not exist" in line
@@ -135,3 +136,11 @@ def test_step_bar_says_compiling_then_times_from_the_first_step():
     bar.set_postfix(loss="0.5")
     assert "13/100" in str(bar.bar) and "loss=0.5" in str(bar.bar)
     bar.close()
+
+
+def test_pretrain_data_errors_are_one_line(tmp_path, capsys):
+    argv = ["pretrain", "--config", f"{REPO / 'configs' / 'pretrain_imagenet.py'}:b", "--workdir", str(tmp_path / "w"),
+            "--distributed", "off", f"--config.data.data_dir={tmp_path / 'none'}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"rwkvunet pretrain: tfds data_dir not found: {tmp_path / 'none'}" in err and "Traceback" not in err

@@ -63,6 +63,8 @@ def test_run_lowers_the_loss_and_writes_every_artefact(finished_run):
                  "eval_test/metrics.csv"):
         assert (workdir / name).is_file(), name
     assert list((workdir / "tensorboard").glob("events.*"))
+    train = [r for r in read_metrics(workdir) if "train/loss" in r]
+    assert all({"train/ce", "train/dice_loss"} <= set(r) and "train/dice" not in r for r in train)  # a loss, named so
     assert len(list((workdir / "eval_test" / "overlays").glob("*.png"))) == 2
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [4, 6]
     assert [p.name for p in (workdir / "checkpoints_best").iterdir() if p.name.isdigit()] == [str(summary["best"]["step"])]
@@ -111,19 +113,19 @@ def test_killed_run_resumes_at_the_saved_step_with_the_same_batches(tmp_path, fi
 
 
 def test_evaluate_command_reads_the_run_and_agrees(finished_run, phantom_root, tmp_path, capsys):
-    from rwkvunet_jax.commands import evaluate
+    from rwkvunet_jax.cli import main as cli_main
 
     workdir, summary = finished_run
     argv = ["--config", str(CONFIGS / "demo.py"), f"--config.data.root={phantom_root}",
             "--config.data.image_size=(32,32)", *TINY, "--checkpoint", str(workdir), "--outdir", str(tmp_path / "ev"),
             "--no-progress"]
-    assert evaluate.main(argv) == 0
+    assert cli_main(["evaluate", *argv]) == 0
     got = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert got["mean_dice"] == pytest.approx(summary["metrics"]["mean_dice"], abs=1e-6)
     assert "liver" in capsys.readouterr().out
 
     wrong = [a if "num_classes" not in a else "--config.model.num_classes=4" for a in argv]
-    assert evaluate.main(wrong) == 2
+    assert cli_main(["evaluate", *wrong]) == 2
     assert "num_classes=3" in capsys.readouterr().err
 
 

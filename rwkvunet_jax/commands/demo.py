@@ -20,14 +20,13 @@ from pathlib import Path
 
 from rwkvunet_jax.commands.parsing import CommandError, add_config_argument, command_parser, parse_config_command
 
-DEFAULT_CONFIG = "configs/demo.py"
-EXAMPLE = "configs/demo.py"
+DEFAULT_CONFIG = "configs/demo.py"  # the project's own when run elsewhere (commands/parsing.py)
 
 
 def build_parser():
     parser = command_parser("rwkvunet demo", __doc__)
     parser.add_argument("--workdir", help="output folder (required)")
-    add_config_argument(parser, EXAMPLE, default=DEFAULT_CONFIG)
+    add_config_argument(parser, DEFAULT_CONFIG, default=DEFAULT_CONFIG)
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
     parser.add_argument("--num-train", type=int, default=None, help="phantom training images")
     parser.add_argument("--num-val", type=int, default=None, help="phantom validation images")
@@ -125,7 +124,7 @@ def export_torch(workdir: Path) -> Path | str:
 
 
 def main(argv: list[str]) -> int:
-    config, args = parse_config_command(build_parser(), argv, example=EXAMPLE, required=["workdir"])
+    config, args = parse_config_command(build_parser(), argv, example=DEFAULT_CONFIG, required=["workdir"])
     start = time.perf_counter()
     workdir = Path(args.workdir).absolute()
     config = apply_demo_settings(config, args)

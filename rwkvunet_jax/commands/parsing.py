@@ -27,7 +27,7 @@ OVERRIDE_HELP = """config overrides:
 
 
 class CommandError(ValueError):
-    """A problem with a command's arguments or inputs, printed as one line (no traceback)."""
+    """A problem with a command's arguments or inputs, printed as one line (no traceback), exit ``exit_code``."""
 
     def __init__(self, message: str, exit_code: int = 2):
         super().__init__(message)
@@ -39,9 +39,9 @@ class _Parser(argparse.ArgumentParser):
         raise CommandError(f"{message} (see '{self.prog} --help')")
 
 
-def command_parser(prog: str, description: str, *, epilog: str | None = None) -> argparse.ArgumentParser:
+def command_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """The argparse parser of one subcommand: ``--help`` lists every flag, errors raise :class:`CommandError`."""
-    return _Parser(prog=prog, description=description.replace("``", "`"), epilog=epilog,
+    return _Parser(prog=prog, description=description.replace("``", "`"),
                    formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
@@ -99,10 +99,13 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> Any:
 
 
 def split_spec(spec: str) -> tuple[str, str | None]:
-    """``"configs/synapse.py:b,official"`` -> ``("configs/synapse.py", "b,official")``."""
+    """``"configs/synapse.py:b,official"`` -> ``("configs/synapse.py", "b,official")`` (also ``"synapse:b"``)."""
     head, sep, arg = spec.partition(".py:")
     if sep:
         return head + ".py", arg
+    head, sep, arg = spec.partition(":")
+    if sep and not Path(spec).exists():
+        return head, arg
     return spec, None
 
 

@@ -37,7 +37,7 @@ def build_parser():
 
 
 def main(argv: list[str]) -> int:
-    from rwkvunet_jax.commands.parsing import parse_config_command
+    from rwkvunet_jax.commands.parsing import CommandError, parse_config_command
 
     config, args = parse_config_command(build_parser(), argv, example=EXAMPLE, required=["workdir"])
     if args.no_progress:
@@ -57,7 +57,10 @@ def main(argv: list[str]) -> int:
     logging.getLogger("absl").setLevel(logging.WARNING)
     from rwkvunet_jax.train.pretrain import train_and_evaluate
 
-    result = train_and_evaluate(config, args.workdir)
+    try:
+        result = train_and_evaluate(config, args.workdir)
+    except (FileNotFoundError, ValueError) as err:  # bad data paths or settings: one line, not a traceback
+        raise CommandError(str(err)) from err
     if jax.process_index() == 0:
         status = "preempted" if result.preempted else "done"
         print(f"rwkvunet pretrain: {status} at step {result.step}"
