@@ -47,7 +47,7 @@ def check_model_matches_config(meta_model: dict, config) -> None:
 def main(argv: list[str]) -> int:
     config, args = parse_config_command(build_parser(), argv, example=EXAMPLE, required=["checkpoint"])
     from rwkvunet_jax import checkpoint as ckpt
-    from rwkvunet_jax.eval.evaluate import evaluate_dataset, eval_dir
+    from rwkvunet_jax.eval.evaluate import eval_dir, evaluate_dataset
     from rwkvunet_jax.eval.inference import model_predict_fn
 
     split = args.split or config.data.test_split
