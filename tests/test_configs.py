@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from rwkvunet_jax.train.cli_config import parse_config_argv
+from rwkvunet_jax.commands.parsing import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 BINARY = ("busi", "cvc_clinicdb", "cvc_colondb", "kvasir_seg", "isic2017", "glas")
@@ -25,8 +25,7 @@ PAPER_DICE = {
 
 
 def load(name, arg, *overrides):
-    config, _ = parse_config_argv([f"--config={CONFIGS / name}.py:{arg}", *overrides], prog="test")
-    return config
+    return load_config(f"{CONFIGS / name}.py:{arg}", overrides)
 
 
 @pytest.mark.parametrize("size", ["t", "s", "b"])

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from rwkvunet_jax import checkpoint as ckpt
+from rwkvunet_jax.commands.parsing import load_config
 from rwkvunet_jax.train import finetune
-from rwkvunet_jax.train.cli_config import parse_config_argv
 from rwkvunet_jax.train.metric_writer import read_metrics
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -39,8 +39,7 @@ def tiny_config(root, *extra):
             "--config.eval.num_overlays=2", "--config.checkpoint.keep=2"]
     replaced = {e.split("=")[0] for e in extra}
     argv = [a for a in argv if a.split("=")[0] not in replaced] + list(extra)
-    config, _ = parse_config_argv(["--config", f"{CONFIGS / 'demo.py'}", *argv], prog="test")
-    return config
+    return load_config(str(CONFIGS / "demo.py"), argv)
 
 
 @pytest.fixture(scope="module")
@@ -60,14 +59,16 @@ def test_run_lowers_the_loss_and_writes_every_artefact(finished_run):
     losses = _losses(workdir)
     assert [s for s, _ in losses] == list(range(1, 7))
     assert np.mean([v for _, v in losses[-2:]]) < np.mean([v for _, v in losses[:2]]), losses
-    for name in ("progress.png", "metrics.csv", "metrics.jsonl", "config.json", "eval/metrics.json",
-                 "eval/metrics.csv"):
+    for name in ("progress.png", "metrics.csv", "metrics.jsonl", "config.json", "eval_test/metrics.json",
+                 "eval_test/metrics.csv"):
         assert (workdir / name).is_file(), name
     assert list((workdir / "tensorboard").glob("events.*"))
-    assert len(list((workdir / "eval" / "overlays").glob("*.png"))) == 2
+    train = [r for r in read_metrics(workdir) if "train/loss" in r]
+    assert all({"train/ce", "train/dice_loss"} <= set(r) and "train/dice" not in r for r in train)  # a loss, named so
+    assert len(list((workdir / "eval_test" / "overlays").glob("*.png"))) == 2
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [4, 6]
     assert [p.name for p in (workdir / "checkpoints_best").iterdir() if p.name.isdigit()] == [str(summary["best"]["step"])]
-    metrics = json.loads((workdir / "eval" / "metrics.json").read_text())
+    metrics = json.loads((workdir / "eval_test" / "metrics.json").read_text())
     assert set(metrics["per_class"]) == {"liver", "kidney"} and 0 <= metrics["mean_dice"] <= 1
     vals = [r for r in read_metrics(workdir) if "val/mean_dice" in r]
     assert [r["step"] for r in vals] == [3, 6]
@@ -108,23 +109,23 @@ def test_killed_run_resumes_at_the_saved_step_with_the_same_batches(tmp_path, fi
     assert [s for s, _ in ours] == [s for s, _ in reference] == list(range(1, 7))
     np.testing.assert_allclose([v for _, v in ours], [v for _, v in reference], rtol=1e-6, atol=1e-6)
     assert resumed["metrics"]["mean_dice"] == pytest.approx(
-        json.loads((full_dir / "eval" / "metrics.json").read_text())["mean_dice"], abs=1e-6)
+        json.loads((full_dir / "eval_test" / "metrics.json").read_text())["mean_dice"], abs=1e-6)
 
 
 def test_evaluate_command_reads_the_run_and_agrees(finished_run, phantom_root, tmp_path, capsys):
-    from rwkvunet_jax.commands import evaluate
+    from rwkvunet_jax.cli import main as cli_main
 
     workdir, summary = finished_run
     argv = ["--config", str(CONFIGS / "demo.py"), f"--config.data.root={phantom_root}",
             "--config.data.image_size=(32,32)", *TINY, "--checkpoint", str(workdir), "--outdir", str(tmp_path / "ev"),
-            "--noprogress"]
-    assert evaluate.main(argv) == 0
+            "--no-progress"]
+    assert cli_main(["evaluate", *argv]) == 0
     got = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert got["mean_dice"] == pytest.approx(summary["metrics"]["mean_dice"], abs=1e-6)
     assert "liver" in capsys.readouterr().out
 
     wrong = [a if "num_classes" not in a else "--config.model.num_classes=4" for a in argv]
-    assert evaluate.main(wrong) == 2
+    assert cli_main(["evaluate", *wrong]) == 2
     assert "num_classes=3" in capsys.readouterr().err
 
 

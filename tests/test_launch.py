@@ -83,10 +83,10 @@ def test_two_processes_train_get_preempted_and_resume_at_the_same_batch(tmp_path
 
     # What an uninterrupted pipeline yields at steps 0 .. saved + 1, per process.
     from rwkvunet_jax.data import imagenet
-    from rwkvunet_jax.train.cli_config import parse_config_argv
+    from rwkvunet_jax.commands.parsing import load_config
     from rwkvunet_jax.train.pretrain import _batch_fingerprint
 
-    config, _ = parse_config_argv([f"--config={REPO / 'configs/pretrain_imagenet.py'}:smoke"], prog="test")
+    config = load_config(f"{REPO / 'configs/pretrain_imagenet.py'}:smoke")
     source = imagenet.ImageFolderSource(workdir / "fake_imagefolder" / "train")
     aug = config.aug
     transform = dict(randaugment=aug.randaugment, color_jitter=aug.color_jitter, hflip=aug.hflip,

@@ -15,7 +15,7 @@ from rwkvunet_jax.models.summary import model_macs, param_count
 
 TINY = dict(depths=(1, 1, 2, 2), widths=(8, 16, 16, 32))
 
-# Used-parameter counts of the official PyTorch models (shared/reference/official-size-table.md).
+# Used-parameter counts of the official PyTorch models (docs/official-sizes.md).
 OFFICIAL_COUNTS = [
     ("rwkv_unet_t", 1, 3, 3_145_761),
     ("rwkv_unet_s", 9, 1, 9_702_145),
@@ -219,7 +219,7 @@ def test_stride_two_depthwise_padding_is_symmetric_like_pytorch():
     np.testing.assert_allclose(y, ref)
 
 
-# thop MACs of the official models (shared/reference/official-size-table.md), and the paper's FLOPs.
+# thop MACs of the official models (docs/official-sizes.md), and the paper's FLOPs.
 @pytest.mark.parametrize(
     "name,num_classes,in_chans,size,thop_gmacs,paper_gflops",
     [

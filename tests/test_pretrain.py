@@ -112,7 +112,10 @@ def test_weight_decay_skips_vectors_and_config_scales_lr_linearly():
 
 
 def test_command_rejects_bad_arguments_with_status_2(capsys):
-    from rwkvunet_jax.commands.pretrain import main
+    from rwkvunet_jax.cli import main as cli_main
+
+    def main(argv):
+        return cli_main(["pretrain", *argv])
 
     config = f"{REPO / 'configs' / 'pretrain_imagenet.py'}:smoke"
     assert main(["--config", config]) == 2

@@ -28,8 +28,9 @@ ARRAY_SUFFIXES = (".npy", ".npz")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rwkvunet predict", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from rwkvunet_jax.commands.parsing import command_parser
+
+    parser = command_parser("rwkvunet predict", __doc__)
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image, .npy/.npz slice or NIfTI volume files")
     parser.add_argument("--checkpoint", required=True, help="checkpoint or fine-tuning work directory")
     parser.add_argument("--outdir", default="predictions", help="output folder (default: ./predictions)")

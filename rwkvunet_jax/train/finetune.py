@@ -1,7 +1,7 @@
 """Fine-tuning a segmentation model from a config (``rwkvunet finetune``), readable top to bottom.
 
 config -> mesh (data parallel over the local devices) -> data -> model (+ pretrained encoder) ->
-optimizer -> restore the latest checkpoint if there is one -> loop (tqdm with loss and lr; metrics to
+optimizer -> restore the latest checkpoint if there is one -> loop (progress bar with loss and lr; metrics to
 TensorBoard, CSV and JSON lines; periodic validation; periodic and best checkpoints) -> progress.png ->
 final evaluation of the best (or last) weights on the test split.
 
@@ -10,7 +10,7 @@ Work directory::
     WORKDIR/checkpoints/<step>/        model, optimizer, data (grain iterator state), meta  (periodic)
     WORKDIR/checkpoints_best/<step>/   the same, for the best validation mean Dice
     WORKDIR/metrics.{jsonl,csv}, WORKDIR/tensorboard/, WORKDIR/progress.png, WORKDIR/config.json
-    WORKDIR/eval/metrics.{json,csv}, WORKDIR/eval/overlays/*.png
+    WORKDIR/eval_<test split>/metrics.{json,csv}, .../overlays/*.png  (as `rwkvunet evaluate` writes them)
 
 Rerunning the same command after a kill resumes at the last saved step with the same data order: the
 grain iterator state is saved with every checkpoint, and drop-path masks depend only on the seed and the
@@ -34,6 +34,7 @@ from rwkvunet_jax.eval.report import plot_progress
 from rwkvunet_jax.train import losses, schedules, sharding
 from rwkvunet_jax.train import state as train_state
 from rwkvunet_jax.train.metric_writer import MetricWriter, read_metrics
+from rwkvunet_jax.train.progress import step_bar
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def train_and_evaluate(config: Any, workdir: str | Path, *, stop_after_step: int
     # --- loop --------------------------------------------------------------------------------------------
     start_step = int(resume_step or 0)
     writer = MetricWriter(workdir, resume_step=resume_step)
-    bar = _progress_bar(progress, start_step, total_steps)
+    bar = step_bar(progress, total=total_steps, initial=start_step, desc="finetune")
     window: list[tuple[int, dict[str, jax.Array]]] = []
     window_start = time.perf_counter()
     step = start_step
@@ -183,13 +184,14 @@ def train_and_evaluate(config: Any, workdir: str | Path, *, stop_after_step: int
             state = restore_weights_only(workdir / ckpt.BEST_CHECKPOINTS_DIR, graphs, state, model, replicated)
             print(f"testing the best checkpoint (step {best['step']}, validation mean Dice "
                   f"{best['val/mean_dice']:.4f})")
-        from rwkvunet_jax.eval.evaluate import evaluate_dataset
+        from rwkvunet_jax.eval.evaluate import eval_dir, evaluate_dataset
 
         summary["metrics"] = evaluate_dataset(
             predict_fn, dataset=config.dataset, root=root, split=config.data.test_split,
             split_seed=config.data.split_seed, protocol=config.eval.protocol, num_outputs=config.model.num_classes,
             image_size=tuple(config.data.image_size), batch_size=config.eval.batch_size, tta=config.eval.tta,
-            class_names=tuple(config.class_names), outdir=workdir / "eval", num_overlays=config.eval.num_overlays,
+            class_names=tuple(config.class_names), outdir=eval_dir(workdir, config.data.test_split),
+            num_overlays=config.eval.num_overlays,
             paper=dict(config.paper), progress=progress)
     return summary
 
@@ -388,14 +390,6 @@ def _iterator_state(train_iter) -> dict[str, Any]:
 def _set_iterator_state(train_iter, saved: dict[str, Any]) -> None:
     state = saved["state"]
     train_iter.set_state(state.encode("utf-8") if saved.get("encoding") == "bytes" else state)
-
-
-def _progress_bar(enabled: bool, start: int, total: int):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=start, desc="finetune", dynamic_ncols=True)
 
 
 def _jsonable(record: dict) -> dict:

@@ -40,6 +40,7 @@ import optax
 from flax import nnx
 
 from rwkvunet_jax.train import sharding as shd
+from rwkvunet_jax.train.progress import step_bar
 
 log = logging.getLogger(__name__)
 
@@ -567,11 +568,7 @@ def train_and_evaluate(config, workdir: str | Path) -> RunResult:
     watcher = PreemptionWatcher()
     eval_every = int(config.eval.every_steps) or int(round(config.eval.every_epochs * steps_per_epoch))
     ckpt_every = int(config.checkpoint.every_steps)
-    progress = None
-    if primary and config.progress_bar:
-        from tqdm import tqdm
-
-        progress = tqdm(total=total_steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True)
+    progress = step_bar(primary and config.progress_bar, total=total_steps, initial=step, desc="pretrain")
 
     def evaluate(state) -> dict[str, float]:
         totals: dict[str, float] = {}
