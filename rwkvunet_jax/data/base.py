@@ -69,11 +69,12 @@ def as_label(array: np.ndarray) -> np.ndarray:
 
 
 def read_npz_slice(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(image float32 (H, W), label int32 (H, W)) from a TransUNet ``.npz`` slice."""
-    with np.load(path) as data:
-        if "image" not in data or "label" not in data:
-            raise ValueError(f"{path}: expected arrays 'image' and 'label', found {sorted(data.files)}")
-        return np.asarray(data["image"], np.float32), as_label(data["label"])
+    """(image float32 (H, W), label int32 (H, W)) from a TransUNet ``.npz`` slice (safe in many reader
+    threads at once, unlike ``np.load``: see :mod:`rwkvunet_jax.data.npyio`)."""
+    from rwkvunet_jax.data.npyio import read_npz
+
+    arrays = read_npz(path, ("image", "label"))
+    return np.asarray(arrays["image"], np.float32), as_label(arrays["label"])
 
 
 def read_h5(path: Path, index: int | None = None) -> tuple[np.ndarray, np.ndarray]:
