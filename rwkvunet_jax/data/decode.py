@@ -51,7 +51,7 @@ def unit_range(img, window: tuple[float, float] | None = None) -> np.ndarray:
     else:
         lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
         raise ValueError(f"a {'float' if mode == 'F' else '32-bit'} grey image with values in [{lo:g}, {hi:g}] "
-                         "has no natural intensity range: give a window (LOW, HIGH)")
+                         "has no natural intensity range: give an intensity window")
     return (values / scale).astype(np.float32)
 
 
