@@ -72,8 +72,9 @@ def test_counter_tolerates_bad_examples_below_the_limit_and_stops_above_it():
     flags[2] = 17
     for _ in range(5):  # 10% bad but fewer than min_examples drawn: no verdict yet
         assert counter.update({"bad_index": flags, "label": np.zeros(10)}) == 1
-    assert counter.bad == 5 and counter.seen == 50
+    assert counter.bad == 5 and counter.seen == 50 and counter.examples == [17]
     counter.update({"label": np.zeros(40)})  # a batch without flags counts as clean
+    assert counter.seen == 90
     with pytest.raises(bx.BadDataError) as err:
         flags2 = flags.copy()
         flags2[5] = 23
@@ -83,7 +84,12 @@ def test_counter_tolerates_bad_examples_below_the_limit_and_stops_above_it():
     assert "file_17.jpg, file_23.jpg" in message and "\n" not in message
 
 
-def test_counter_limit_off_at_one():
+def test_counter_limit_off_at_one_and_totals_over_processes():
     counter = bx.BadExampleCounter(1.0, min_examples=1)
-    counter.add(10, 10, range(10))
-    assert counter.fraction == 1.0
+    counter.update({"bad_index": np.arange(10)})
+    assert counter.bad == counter.seen == 10
+    limited = bx.BadExampleCounter(0.1, min_examples=100)
+    limited.update({"bad_index": np.array([1, -1, -1, -1])}, check=False)
+    limited.check(seen=1000, bad=100)  # totals summed over processes: at the limit, not over it
+    with pytest.raises(bx.BadFractionError, match="101 of 1000"):
+        limited.check(seen=1000, bad=101)

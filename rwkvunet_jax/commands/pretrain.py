@@ -4,12 +4,14 @@
                       [--distributed auto|on|off] [--coordinator_address HOST:PORT --num_processes N --process_id I]
 
 Rerunning the same command resumes from the latest checkpoint in ``DIR``. Exit codes: 0 done,
-75 preempted after saving a checkpoint (rerun to continue), 2 bad arguments.
+75 preempted after saving a checkpoint (rerun to continue), 2 bad arguments or too many unreadable
+images (data.max_bad_fraction; the last step is checkpointed first).
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 
 PREEMPTED_EXIT_CODE = 75  # == rwkvunet_jax.train.pretrain.PREEMPTED_EXIT_CODE (not imported: it pulls in JAX)
 
@@ -48,9 +50,14 @@ def main(argv: list[str]) -> int:
                         format=f"[p{jax.process_index()}] %(asctime)s %(levelname)s %(name)s: %(message)s")
     # Orbax reports every file it writes at INFO through absl; keep the run's own log readable.
     logging.getLogger("absl").setLevel(logging.WARNING)
+    from rwkvunet_jax.data.bad_examples import BadDataError
     from rwkvunet_jax.train.pretrain import train_and_evaluate
 
-    result = train_and_evaluate(config, fv.workdir)
+    try:
+        result = train_and_evaluate(config, fv.workdir)
+    except BadDataError as err:  # the last step is checkpointed; say why in one line
+        print(f"rwkvunet pretrain: {err}", file=sys.stderr, flush=True)
+        return 2
     if jax.process_index() == 0:
         status = "preempted" if result.preempted else "done"
         print(f"rwkvunet pretrain: {status} at step {result.step}"

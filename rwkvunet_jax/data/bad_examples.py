@@ -32,6 +32,11 @@ class BadDataError(ValueError):
     """Too many examples could not be read or transformed."""
 
 
+class BadFractionError(BadDataError):
+    """More than ``data.max_bad_fraction`` of the drawn examples were bad (decided from counts that
+    several processes can sum first, so every process raises it at the same step)."""
+
+
 def describe(source, index: int) -> str:
     """``source.describe(index)`` (a file path or record key) when the source has it, else ``source[index]``."""
     method = getattr(source, "describe", None)
@@ -100,32 +105,29 @@ class BadExampleCounter:
         self.bad = 0
         self.examples: list[int] = []  # the first few bad indices, for the error message
 
-    def update(self, batch: Mapping[str, Any]) -> int:
-        """Counts ``batch["bad_index"]`` (a batch without it counts as clean); returns the bad ones in it."""
+    def update(self, batch: Mapping[str, Any], *, check: bool = True) -> int:
+        """Counts ``batch["bad_index"]`` (a batch without it counts as clean) and, with ``check``, applies
+        the limit; returns the number of bad examples in the batch."""
         flags = np.asarray(batch.get(BAD_INDEX, ()), np.int64).reshape(-1)
-        seen = len(flags) if len(flags) else len(np.asarray(batch["label"]))
+        self.seen += len(flags) if len(flags) else len(np.asarray(batch["label"]))
         bad = flags[flags >= 0]
-        self.add(seen, len(bad), bad)
-        return len(bad)
-
-    def add(self, seen: int, bad: int, indices=()) -> None:
-        """Adds counts (e.g. summed over processes) and checks the limit."""
-        self.seen += int(seen)
-        self.bad += int(bad)
-        for index in indices:
+        self.bad += len(bad)
+        for index in bad:
             if len(self.examples) < 5 and int(index) not in self.examples:
                 self.examples.append(int(index))
-        self.check()
+        if check:
+            self.check()
+        return len(bad)
 
-    @property
-    def fraction(self) -> float:
-        return self.bad / max(self.seen, 1)
-
-    def check(self) -> None:
-        """Raises :class:`BadDataError` when the fraction is over the limit (after ``min_examples``)."""
-        if self.seen < self.min_examples or self.max_fraction >= 1 or self.fraction <= self.max_fraction:
+    def check(self, seen: int | None = None, bad: int | None = None) -> None:
+        """Raises :class:`BadFractionError` when ``bad / seen`` (this counter's own counts, or totals over
+        processes) is over the limit, once ``min_examples`` were drawn."""
+        seen = self.seen if seen is None else int(seen)
+        bad = self.bad if bad is None else int(bad)
+        fraction = bad / max(seen, 1)
+        if seen < self.min_examples or self.max_fraction >= 1 or fraction <= self.max_fraction:
             return
         names = ", ".join(self.name(i) for i in self.examples) or "see the WARNING lines in the log"
-        raise BadDataError(
-            f"{self.bad} of {self.seen} training examples ({100 * self.fraction:.2f}%) could not be read or "
-            f"transformed, more than data.max_bad_fraction={self.max_fraction:g}; e.g. {names}")
+        raise BadFractionError(
+            f"{bad} of {seen} training examples ({100 * fraction:.2f}%) could not be read or transformed, "
+            f"more than data.max_bad_fraction={self.max_fraction:g}; e.g. {names}")

@@ -31,7 +31,8 @@ import numpy as np
 
 from rwkvunet_jax import checkpoint as ckpt
 from rwkvunet_jax.eval.report import plot_progress
-from rwkvunet_jax.train import losses, schedules, sharding
+from rwkvunet_jax.data.bad_examples import BadExampleCounter, describe
+from rwkvunet_jax.train import failsafe, losses, schedules, sharding
 from rwkvunet_jax.train import state as train_state
 from rwkvunet_jax.train.metric_writer import MetricWriter, read_metrics
 
@@ -132,17 +133,24 @@ def train_and_evaluate(config: Any, workdir: str | Path, *, stop_after_step: int
     window: list[tuple[int, dict[str, jax.Array]]] = []
     window_start = time.perf_counter()
     step = start_step
+    bad_examples = BadExampleCounter(config.data.max_bad_fraction, min_examples=config.data.bad_fraction_min_examples,
+                                     name=lambda i: describe(train_source, i))
+    data_state = None  # the iterator after the last completed step: what a checkpoint on failure stores
     try:
         while step < total_steps:
             batch = next(train_iter)
+            next_data_state = failsafe.IteratorSnapshot(train_iter)
+            bad_examples.update(batch)
             device_batch = sharding.host_local_batch_to_global({"image": batch["image"], "label": batch["label"]}, mesh)
             state, metrics = train_step(state, device_batch)
             step += 1
+            data_state = next_data_state
             window.append((step, metrics))
             is_last = step == total_steps
             if step % config.log_every_steps == 0 or is_last or step == stop_after_step:
                 record = _flush_window(window, window_start, config.batch_size)
                 record["train/epoch"] = step / steps_per_epoch
+                record["data/bad_examples"] = bad_examples.bad
                 writer.write(step, record)
                 if bar is not None:
                     bar.set_postfix(loss=f"{record['train/loss']:.4f}", lr=f"{record['train/lr']:.2e}")
@@ -163,6 +171,12 @@ def train_and_evaluate(config: Any, workdir: str | Path, *, stop_after_step: int
                 window_start = time.perf_counter()
             if stop_after_step is not None and step >= stop_after_step:
                 break
+    except BaseException as err:
+        failsafe.checkpoint_before_raising(
+            err, step=step, start_step=start_step, latest_saved=manager.latest_step(),
+            save=lambda: save(manager, step, graphs, state, model, data_state, config, best, total_steps),
+            poisoned=isinstance(err, NonFiniteLossError))
+        raise
     finally:
         if bar is not None:
             bar.close()
