@@ -10,6 +10,7 @@ from scipy.ndimage import zoom
 from rwkvunet_jax import checkpoint as ckpt
 from rwkvunet_jax.commands import predict
 from rwkvunet_jax.eval.inference import model_predict_fn
+from rwkvunet_jax.eval.predictor import read_image
 from rwkvunet_jax.models.registry import create_model
 
 NET = 32
@@ -121,6 +122,11 @@ def test_sixteen_bit_and_float_images_keep_their_full_range(tmp_path, model_dir,
     unit = _smooth((24, 28), 12).astype(np.float32)
     Image.fromarray(unit).save(tmp_path / "unit.tif")  # mode F in [0, 1]
     assert [Image.open(tmp_path / n).mode for n in ("grey16.png", "grey32.tif", "unit.tif")] == ["I;16", "I", "F"]
+    # What the network is given: the stored values over the type's range (a random model's masks can be
+    # blind to the input, so the reader is checked on its own too).
+    for name in ("grey16.png", "grey32.tif"):
+        np.testing.assert_allclose(read_image(tmp_path / name, 1)[..., 0], raw / 65535.0, rtol=0, atol=1e-7)
+    np.testing.assert_array_equal(read_image(tmp_path / "unit.tif", 3), unit[..., None])  # grey: one channel
     out = tmp_path / "out"
     assert _run([tmp_path / n for n in ("grey16.png", "grey32.tif", "unit.tif")], model_dir, out) == 0
     expected = reference(raw / 65535.0, order=1)
