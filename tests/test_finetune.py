@@ -259,3 +259,32 @@ def test_too_many_unreadable_slices_stop_the_run_with_one_line_naming_them(tmp_p
     counts = [r["data/bad_examples"] for r in read_metrics(workdir) if "data/bad_examples" in r]
     assert len(counts) == 1 and counts[0] >= 1
 
+
+def test_list_dir_reaches_the_readers_of_finetune_and_evaluate(phantom_root, tmp_path, monkeypatch, capsys):
+    from rwkvunet_jax import data
+    from rwkvunet_jax.commands import evaluate
+    from rwkvunet_jax.models.registry import create_model
+
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    cases = (phantom_root / "lists_Synapse" / "test_vol.txt").read_text().split()
+    (lists / "test_vol.txt").write_text(f"{cases[0]}\nphantom_test_99\n")  # a case the data folder lacks
+    model = create_model("rwkv_unet_t", num_classes=3, in_chans=1, depths=(1, 1, 2, 2), widths=(8, 16, 16, 32))
+    checkpoint = ckpt.save_model(tmp_path / "model", model)
+    argv = ["--config", str(CONFIGS / "demo.py"), f"--config.data.root={phantom_root}",
+            "--config.data.image_size=(32,32)", *TINY, "--checkpoint", str(checkpoint), "--outdir",
+            str(tmp_path / "ev"), "--noprogress", f"--config.data.list_dir={lists}"]
+    assert evaluate.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"phantom file listed in {lists / 'test_vol.txt'} not found" in err and "phantom_test_99.npy.h5" in err
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("list_dir"))
+        raise KeyboardInterrupt  # stop before any training
+
+    monkeypatch.setattr(data, "get_source", spy)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.train_and_evaluate(tiny_config(phantom_root, f"--config.data.list_dir={lists}"), tmp_path / "w")
+    assert seen == [str(lists)]

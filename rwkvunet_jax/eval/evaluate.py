@@ -34,8 +34,11 @@ def evaluate_dataset(
     num_overlays: int = 4,
     paper: Mapping[str, float] | None = None,
     progress: bool = True,
+    list_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Run the ``protocol`` ("volume" or "image") on ``split`` and write the report; returns the summary."""
+    """Run the ``protocol`` ("volume" or "image") on ``split`` and write the report; returns the summary.
+
+    ``list_dir``: the folder of the dataset's list files (see :func:`rwkvunet_jax.data.get_source`)."""
     from rwkvunet_jax import data
     from rwkvunet_jax.eval.images import evaluate_images
     from rwkvunet_jax.eval.volumes import evaluate_volumes
@@ -44,7 +47,7 @@ def evaluate_dataset(
     overlay_dir = outdir / "overlays"
     common = dict(image_size=tuple(image_size), batch_size=batch_size, tta=tta, progress=progress)
     if protocol == "volume":
-        volumes = data.get_volumes(dataset, root, split)
+        volumes = data.get_volumes(dataset, root, split, list_dir=list_dir)
         saved = []
 
         def on_case(case, pred):
@@ -57,7 +60,7 @@ def evaluate_dataset(
         summary, rows = evaluate_volumes(predict_fn, volumes, num_classes=num_outputs, class_names=class_names,
                                          on_case=on_case, **common)
     elif protocol == "image":
-        source = data.get_source(dataset, root, split, split_seed=split_seed)
+        source = data.get_source(dataset, root, split, split_seed=split_seed, list_dir=list_dir)
 
         def on_image(index, pred):
             if index < num_overlays:

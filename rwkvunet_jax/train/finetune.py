@@ -69,7 +69,8 @@ def train_and_evaluate(config: Any, workdir: str | Path, *, stop_after_step: int
 
     # --- data --------------------------------------------------------------------------------------------
     root = Path(config.data.root).expanduser()
-    train_source = data.get_source(config.dataset, root, config.data.train_split, split_seed=config.data.split_seed)
+    train_source = data.get_source(config.dataset, root, config.data.train_split, split_seed=config.data.split_seed,
+                                   list_dir=config.data.list_dir)
     steps_per_epoch = len(train_source) // config.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"the training split of {train_source!r} has {len(train_source)} examples, fewer than "
@@ -204,7 +205,7 @@ def train_and_evaluate(config: Any, workdir: str | Path, *, stop_after_step: int
             split_seed=config.data.split_seed, protocol=config.eval.protocol, num_outputs=config.model.num_classes,
             image_size=tuple(config.data.image_size), batch_size=config.eval.batch_size, tta=config.eval.tta,
             class_names=tuple(config.class_names), outdir=workdir / "eval", num_overlays=config.eval.num_overlays,
-            paper=dict(config.paper), progress=progress)
+            paper=dict(config.paper), progress=progress, list_dir=config.data.list_dir)
     return summary
 
 
@@ -351,10 +352,11 @@ def validate(config: Any, predict_fn, root: Path) -> dict[str, float]:
     kwargs = dict(image_size=tuple(config.data.image_size), batch_size=config.eval.batch_size,
                   tta=config.eval.val_tta, progress=False)
     if config.eval.protocol == "volume":
-        volumes = data.get_volumes(config.dataset, root, config.data.val_split)
+        volumes = data.get_volumes(config.dataset, root, config.data.val_split, list_dir=config.data.list_dir)
         summary, _ = evaluate_volumes(predict_fn, volumes, num_classes=config.model.num_classes, **kwargs)
     else:
-        source = data.get_source(config.dataset, root, config.data.val_split, split_seed=config.data.split_seed)
+        source = data.get_source(config.dataset, root, config.data.val_split, split_seed=config.data.split_seed,
+                                 list_dir=config.data.list_dir)
         summary, _ = evaluate_images(predict_fn, source, num_outputs=config.model.num_classes, **kwargs)
     return {f"val/{k}": float(v) for k, v in summary.items() if k in ("mean_dice", "mean_hd95", "mean_iou")}
 
