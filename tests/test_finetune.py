@@ -6,6 +6,7 @@ directory so that the interrupted and resumed runs (same program) do not compile
 """
 
 import json
+import re
 from pathlib import Path
 
 import jax
@@ -190,3 +191,101 @@ def test_pretrained_encoder_from_orbax_classifier_and_torch_file(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         finetune.load_pretrained_encoder(seg2, tmp_path / "missing.pth")
+
+
+class _InterruptAt:
+    """A training iterator that raises ``error`` on its ``at``-th batch (what Ctrl-C or a data error does)."""
+
+    def __init__(self, inner, at: int, error: BaseException):
+        self.inner, self.at, self.error, self.count = inner, at, error, 0
+
+    def __next__(self):
+        self.count += 1
+        if self.count == self.at:
+            raise self.error
+        return next(self.inner)
+
+    def get_state(self):
+        return self.inner.get_state()
+
+    def set_state(self, state):
+        self.inner.set_state(state)
+
+
+def test_an_exception_in_the_loop_saves_the_last_step_with_its_data_position(tmp_path, phantom_root, monkeypatch,
+                                                                              finished_run):
+    from rwkvunet_jax import data
+
+    real = data.train_iterator
+    monkeypatch.setattr(data, "train_iterator", lambda *a, **k: _InterruptAt(real(*a, **k), 4, KeyboardInterrupt()))
+    workdir = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        finetune.train_and_evaluate(tiny_config(phantom_root), workdir, progress=False)
+    # Steps 1-3 ran, periodic checkpoints are every 2 steps: step 3 was saved on the way out.
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [2, 3]
+
+    # Its data state is the one after three batches (not the live iterator's, which failed on the fourth).
+    config = tiny_config(phantom_root)
+    source = data.get_source("phantom", phantom_root, "train")
+    uninterrupted = real(source, augment=config.data.augment, image_size=(32, 32), batch_size=4, seed=config.seed)
+    expected = [next(uninterrupted) for _ in range(4)][-1]
+    restored = real(source, augment=config.data.augment, image_size=(32, 32), batch_size=4, seed=config.seed)
+    saved = ckpt._ocp().Checkpointer(ckpt._ocp().JsonCheckpointHandler()).restore(workdir / "checkpoints/3/data")
+    finetune._set_iterator_state(restored, saved)
+    np.testing.assert_array_equal(next(restored)["image"], expected["image"])
+
+
+def test_too_many_unreadable_slices_stop_the_run_with_one_line_naming_them(tmp_path, phantom_root, capsys,
+                                                                           compile_cache):
+    import shutil
+
+    from rwkvunet_jax.commands import finetune as finetune_command
+
+    root = tmp_path / "data"
+    shutil.copytree(phantom_root, root)
+    for path in sorted((root / "train_npz").glob("*.npz"))[::2]:  # half the training slices
+        path.write_bytes(b"not an npz file")
+    workdir = tmp_path / "run"
+    argv = ["--config", str(CONFIGS / "demo.py"), f"--config.data.root={root}", "--config.data.image_size=(32,32)",
+            *TINY, "--config.batch_size=4", "--config.total_steps=6", "--config.optim.warmup_steps=0",
+            "--config.checkpoint.every_steps=5",
+            "--config.eval.every_steps=0", "--config.log_every_steps=1", "--config.data.bad_fraction_min_examples=8",
+            "--config.data.max_bad_fraction=0.2", "--workdir", str(workdir), "--noprogress"]
+    assert finetune_command.main(argv) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rwkvunet finetune:")]
+    assert len(lines) == 1, lines
+    assert re.search(r"\d+ of 8 training examples .*max_bad_fraction=0.2; e\.g\. .*train_npz/.*\.npz", lines[0])
+    # It stopped on drawing the second batch (8 examples) and saved step 1; the running count is a metric.
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [1]
+    counts = [r["data/bad_examples"] for r in read_metrics(workdir) if "data/bad_examples" in r]
+    assert len(counts) == 1 and counts[0] >= 1
+
+
+def test_list_dir_reaches_the_readers_of_finetune_and_evaluate(phantom_root, tmp_path, monkeypatch, capsys):
+    from rwkvunet_jax import data
+    from rwkvunet_jax.commands import evaluate
+    from rwkvunet_jax.models.registry import create_model
+
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    cases = (phantom_root / "lists_Synapse" / "test_vol.txt").read_text().split()
+    (lists / "test_vol.txt").write_text(f"{cases[0]}\nphantom_test_99\n")  # a case the data folder lacks
+    model = create_model("rwkv_unet_t", num_classes=3, in_chans=1, depths=(1, 1, 2, 2), widths=(8, 16, 16, 32))
+    checkpoint = ckpt.save_model(tmp_path / "model", model)
+    argv = ["--config", str(CONFIGS / "demo.py"), f"--config.data.root={phantom_root}",
+            "--config.data.image_size=(32,32)", *TINY, "--checkpoint", str(checkpoint), "--outdir",
+            str(tmp_path / "ev"), "--noprogress", f"--config.data.list_dir={lists}"]
+    assert evaluate.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"phantom file listed in {lists / 'test_vol.txt'} not found" in err and "phantom_test_99.npy.h5" in err
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("list_dir"))
+        raise KeyboardInterrupt  # stop before any training
+
+    monkeypatch.setattr(data, "get_source", spy)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.train_and_evaluate(tiny_config(phantom_root, f"--config.data.list_dir={lists}"), tmp_path / "w")
+    assert seen == [str(lists)]

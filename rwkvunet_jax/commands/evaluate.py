@@ -63,7 +63,7 @@ def main(argv: list[str]) -> int:
             split_seed=config.data.split_seed, protocol=config.eval.protocol, num_outputs=config.model.num_classes,
             image_size=tuple(config.data.image_size), batch_size=config.eval.batch_size, tta=tta,
             class_names=tuple(config.class_names), outdir=outdir, num_overlays=config.eval.num_overlays,
-            paper=dict(config.paper), progress=not args.no_progress)
+            paper=dict(config.paper), progress=not args.no_progress, list_dir=config.data.list_dir)
     except (FileNotFoundError, ValueError) as err:
         raise CommandError(str(err)) from err
     return 0

@@ -5,12 +5,14 @@
 
 Presets after the colon: t, s, b (rwkv_unet_encoder_{t,s,b}, the official recipe) or smoke (a tiny encoder
 on generated images, a few CPU steps). Rerunning the same command resumes from the latest checkpoint in
-``DIR``. Exit codes: 0 done, 75 preempted after saving a checkpoint (rerun to continue), 2 bad arguments.
+``DIR``. Exit codes: 0 done, 75 preempted after saving a checkpoint (rerun to continue), 2 bad arguments or
+too many unreadable images (data.max_bad_fraction; the last step is checkpointed first).
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 
 PREEMPTED_EXIT_CODE = 75  # == rwkvunet_jax.train.pretrain.PREEMPTED_EXIT_CODE (not imported: it pulls in JAX)
 
@@ -59,8 +61,8 @@ def main(argv: list[str]) -> int:
 
     try:
         result = train_and_evaluate(config, args.workdir)
-    except (FileNotFoundError, ValueError) as err:  # bad data paths or settings: one line, not a traceback
-        raise CommandError(str(err)) from err
+    except (FileNotFoundError, ValueError) as err:  # bad data paths or settings, too many bad images (the
+        raise CommandError(str(err)) from err        # last step is checkpointed first): one line, no traceback
     if jax.process_index() == 0:
         status = "preempted" if result.preempted else "done"
         print(f"rwkvunet pretrain: {status} at step {result.step}"

@@ -9,12 +9,14 @@ Sources (random access, picklable, yield ``{"image": uint8 (H, W, 3), "label": i
 
 Training order (grain ``MapDataset``, lazy and random access), the same for any number of hosts::
 
-    source -> shuffle(seed) -> repeat (reshuffled every epoch) -> augment(seed)
-           -> element j to process j % process_count -> batch(local_batch) -> [Mixup/CutMix]
+    indices -> shuffle(seed) -> repeat (reshuffled every epoch) -> read + augment(seed)
+            -> element j to process j % process_count -> batch(local_batch) -> [Mixup/CutMix]
 
 so every host reads only its own share, the global batch at step k is the same examples with the
 same augmentation however many hosts there are, and ``iterator.get_state()`` / ``set_state()``
-resumes at the exact next batch. Images stay uint8 until the device normalises them
+resumes at the exact next batch. A file that fails to decode or augment is logged and replaced by an
+example chosen from its index alone (:mod:`rwkvunet_jax.data.bad_examples`); CMYK, grey, palette and
+alpha images are not failures (:mod:`rwkvunet_jax.data.decode`). Images stay uint8 until the device normalises them
 (:data:`IMAGENET_MEAN`, :data:`IMAGENET_STD`), which keeps host-to-device traffic small.
 
 Evaluation gives every process the same number of batches (collective steps need that); the padding
@@ -31,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from rwkvunet_jax.data.bad_examples import ReadAndTransform
+from rwkvunet_jax.data.decode import read_rgb8
 from rwkvunet_jax.data.mixup import MixupCutmix
 from rwkvunet_jax.data.pipeline import allow_worker_processes
 from rwkvunet_jax.data.randaugment import (IMAGENET_MEAN, IMAGENET_STD, RandAugmentPolicy, color_jitter,
@@ -101,12 +105,11 @@ class ImageFolderSource:
         return len(self._files)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from PIL import Image
+        return {"image": read_rgb8(self.root / self._files[index]), "label": self._labels[index]}
 
-        path = self.root / self._files[index]
-        with Image.open(path) as image:
-            array = _to_rgb_array(image.convert("RGB"))
-        return {"image": array, "label": self._labels[index]}
+    def describe(self, index: int) -> str:
+        """The file of example ``index`` (for logs of bad examples)."""
+        return str(self.root / self._files[index])
 
     def __repr__(self) -> str:  # grain compares it when restoring an iterator state
         return f"ImageFolderSource(root={str(self.root)!r}, n={len(self)}, classes={self.num_classes})"
@@ -138,6 +141,10 @@ class TfdsSource:
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self._source[index]
         return {"image": _to_rgb_array(record["image"]), "label": np.int32(record["label"])}
+
+    def describe(self, index: int) -> str:
+        """The tfds record of example ``index`` (for logs of bad examples)."""
+        return f"tfds {self.name}/{self.split} record {int(index)}"
 
     def __repr__(self) -> str:
         return f"TfdsSource(name={self.name!r}, split={self.split!r}, data_dir={self.data_dir!r}, n={len(self)})"
@@ -230,7 +237,8 @@ def auto_worker_count(requested: int) -> int:
 def train_iterator(source, *, image_size: int, local_batch: int, seed: int, process_index: int = 0,
                    process_count: int = 1, transform: Mapping[str, Any] | None = None,
                    mixing: MixupCutmix | None = None, worker_count: int = 0, prefetch_batches: int = 4):
-    """Infinite training batches ``{"image": uint8 (b, S, S, 3), "label": int32 (b,)}`` for this process.
+    """Infinite training batches ``{"image": uint8 (b, S, S, 3), "label": int32 (b,), "bad_index": int64 (b,)}``
+    for this process (``bad_index``: -1, or the index of an example that failed and was replaced).
 
     ``transform``: keyword arguments of :class:`TrainTransform`. ``mixing``: a :class:`MixupCutmix`, which
     adds ``"target"`` (b, num_classes) float32. ``worker_count`` > 0 decodes and augments in that many
@@ -245,8 +253,11 @@ def train_iterator(source, *, image_size: int, local_batch: int, seed: int, proc
     if len(source) < process_count * local_batch:
         raise ValueError(f"{source!r} has {len(source)} examples, fewer than one global batch "
                          f"({process_count} x {local_batch})")
-    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
-    ds = ds.random_map(TrainTransform(image_size, **dict(transform or {})), seed=seed)
+    # Indices, not examples, are shuffled: ReadAndTransform reads and augments them and replaces a file
+    # that fails to decode or transform (see rwkvunet_jax.data.bad_examples). The order and the random
+    # stream of every position equal those of shuffling the source itself.
+    ds = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(None)
+    ds = ds.random_map(ReadAndTransform(source, TrainTransform(image_size, **dict(transform or {}))), seed=seed)
     if process_count > 1:
         ds = ds[process_index::process_count]
     ds = ds.batch(local_batch, drop_remainder=True)

@@ -2,14 +2,15 @@
 
 Training order (grain ``MapDataset``, lazy and random-access)::
 
-    source -> shuffle(seed) -> repeat(forever, reshuffled every epoch) -> augment(seed)
-           -> every shard_count-th element from shard_index -> batch(drop_remainder) -> iterator
+    indices -> shuffle(seed) -> repeat(forever, reshuffled every epoch) -> read + augment(seed)
+            -> every shard_count-th element from shard_index -> batch(drop_remainder) -> iterator
 
 The shuffle and the augmentation seeds cover the global stream and each host keeps every
 ``shard_count``-th element of it, so hosts see disjoint examples within an epoch, no example is dropped,
 and every position has its own augmentation randomness. An iterator state (``it.get_state()``) restores
 into a fresh iterator built with the same arguments (``it.set_state(state)``) and continues with the
-exact next batch, with or without worker processes.
+exact next batch, with or without worker processes. An example that cannot be read or augmented is
+logged and replaced by another one chosen from its index alone (:mod:`rwkvunet_jax.data.bad_examples`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from rwkvunet_jax.data.augment import RECIPES, augment, resize_pair
+from rwkvunet_jax.data.bad_examples import ReadAndTransform
 
 
 class _Augment:
@@ -48,7 +50,9 @@ def train_iterator(source, *, augment: str, image_size: Sequence[int], batch_siz
                    shard_index: int = 0, shard_count: int = 1, worker_count: int = 0,
                    augment_options: Mapping[str, Any] | None = None, read_threads: int = 4,
                    prefetch_buffer_size: int = 8):
-    """Infinite training batches ``{"image": f32 (B, H, W, C), "label": i32 (B, H, W)}`` (numpy).
+    """Infinite training batches ``{"image": f32 (B, H, W, C), "label": i32 (B, H, W), "bad_index": i64 (B,)}``
+    (numpy; ``bad_index`` is -1, or the index of an example that could not be read or augmented and was
+    replaced: see :mod:`rwkvunet_jax.data.bad_examples`).
 
     ``augment``: a recipe of :mod:`rwkvunet_jax.data.augment` ("synapse", "acdc", "binary", "none");
     ``augment_options`` are passed to it (e.g. ``{"rot_flip": True}`` for synapse). ``worker_count`` > 0
@@ -69,8 +73,10 @@ def train_iterator(source, *, augment: str, image_size: Sequence[int], batch_siz
     if len(source) < shard_count:
         raise ValueError(f"{source!r} has fewer examples ({len(source)}) than shards ({shard_count})")
 
-    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
-    ds = ds.random_map(_Augment(augment, size, augment_options or {}), seed=seed)
+    # Indices are shuffled; ReadAndTransform reads and augments them and replaces an example that fails
+    # (rwkvunet_jax.data.bad_examples). Order and random streams equal those of shuffling the source.
+    ds = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(None)
+    ds = ds.random_map(ReadAndTransform(source, _Augment(augment, size, augment_options or {})), seed=seed)
     if shard_count > 1:
         ds = ds[shard_index::shard_count]
     ds = ds.batch(batch_size, drop_remainder=True)

@@ -38,8 +38,11 @@ def evaluate_dataset(
     num_overlays: int = 4,
     paper: Mapping[str, float] | None = None,
     progress: bool = True,
+    list_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Run the ``protocol`` ("volume" or "image") on ``split`` and write the report; returns the summary."""
+    """Run the ``protocol`` ("volume" or "image") on ``split`` and write the report; returns the summary.
+
+    ``list_dir``: the folder of the dataset's list files (see :func:`rwkvunet_jax.data.get_source`)."""
     from rwkvunet_jax import data
     from rwkvunet_jax.eval.images import evaluate_images
     from rwkvunet_jax.eval.volumes import evaluate_volumes, segment_volume
@@ -50,11 +53,11 @@ def evaluate_dataset(
     overlay_dir = outdir / "overlays"
     common = dict(image_size=tuple(image_size), batch_size=batch_size, tta=tta)
     if protocol == "volume":
-        cases = data.get_volumes(dataset, root, split)
+        cases = data.get_volumes(dataset, root, split, list_dir=list_dir)
         summary, rows = evaluate_volumes(predict_fn, cases, num_classes=num_outputs, class_names=class_names,
                                          progress=progress, **common)
     else:
-        cases = data.get_source(dataset, root, split, split_seed=split_seed)
+        cases = data.get_source(dataset, root, split, split_seed=split_seed, list_dir=list_dir)
         summary, rows = evaluate_images(predict_fn, cases, num_outputs=num_outputs, class_names=class_names,
                                         progress=progress, **common)
 

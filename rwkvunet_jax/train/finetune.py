@@ -31,7 +31,8 @@ import numpy as np
 
 from rwkvunet_jax import checkpoint as ckpt
 from rwkvunet_jax.eval.report import plot_progress
-from rwkvunet_jax.train import losses, schedules, sharding
+from rwkvunet_jax.data.bad_examples import BadExampleCounter, describe
+from rwkvunet_jax.train import failsafe, losses, schedules, sharding
 from rwkvunet_jax.train import state as train_state
 from rwkvunet_jax.train.metric_writer import MetricWriter, read_metrics
 from rwkvunet_jax.train.progress import step_bar
@@ -69,7 +70,8 @@ def train_and_evaluate(config: Any, workdir: str | Path, *, stop_after_step: int
 
     # --- data --------------------------------------------------------------------------------------------
     root = Path(config.data.root).expanduser()
-    train_source = data.get_source(config.dataset, root, config.data.train_split, split_seed=config.data.split_seed)
+    train_source = data.get_source(config.dataset, root, config.data.train_split, split_seed=config.data.split_seed,
+                                   list_dir=config.data.list_dir)
     steps_per_epoch = len(train_source) // config.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"the training split of {train_source!r} has {len(train_source)} examples, fewer than "
@@ -133,17 +135,24 @@ def train_and_evaluate(config: Any, workdir: str | Path, *, stop_after_step: int
     window: list[tuple[int, dict[str, jax.Array]]] = []
     window_start = time.perf_counter()
     step = start_step
+    bad_examples = BadExampleCounter(config.data.max_bad_fraction, min_examples=config.data.bad_fraction_min_examples,
+                                     name=lambda i: describe(train_source, i))
+    data_state = None  # the iterator after the last completed step: what a checkpoint on failure stores
     try:
         while step < total_steps:
             batch = next(train_iter)
+            next_data_state = failsafe.IteratorSnapshot(train_iter)
+            bad_examples.update(batch)
             device_batch = sharding.host_local_batch_to_global({"image": batch["image"], "label": batch["label"]}, mesh)
             state, metrics = train_step(state, device_batch)
             step += 1
+            data_state = next_data_state
             window.append((step, metrics))
             is_last = step == total_steps
             if step % config.log_every_steps == 0 or is_last or step == stop_after_step:
                 record = _flush_window(window, window_start, config.batch_size)
                 record["train/epoch"] = step / steps_per_epoch
+                record["data/bad_examples"] = bad_examples.bad
                 writer.write(step, record)
                 if bar is not None:
                     bar.set_postfix(loss=f"{record['train/loss']:.4f}", lr=f"{record['train/lr']:.2e}")
@@ -164,6 +173,12 @@ def train_and_evaluate(config: Any, workdir: str | Path, *, stop_after_step: int
                 window_start = time.perf_counter()
             if stop_after_step is not None and step >= stop_after_step:
                 break
+    except BaseException as err:
+        failsafe.checkpoint_before_raising(
+            err, step=step, start_step=start_step, latest_saved=manager.latest_step(),
+            save=lambda: save(manager, step, graphs, state, model, data_state, config, best, total_steps),
+            poisoned=isinstance(err, NonFiniteLossError))
+        raise
     finally:
         if bar is not None:
             bar.close()
@@ -192,7 +207,7 @@ def train_and_evaluate(config: Any, workdir: str | Path, *, stop_after_step: int
             image_size=tuple(config.data.image_size), batch_size=config.eval.batch_size, tta=config.eval.tta,
             class_names=tuple(config.class_names), outdir=eval_dir(workdir, config.data.test_split),
             num_overlays=config.eval.num_overlays,
-            paper=dict(config.paper), progress=progress)
+            paper=dict(config.paper), progress=progress, list_dir=config.data.list_dir)
     return summary
 
 
@@ -339,10 +354,11 @@ def validate(config: Any, predict_fn, root: Path) -> dict[str, float]:
     kwargs = dict(image_size=tuple(config.data.image_size), batch_size=config.eval.batch_size,
                   tta=config.eval.val_tta, progress=False)
     if config.eval.protocol == "volume":
-        volumes = data.get_volumes(config.dataset, root, config.data.val_split)
+        volumes = data.get_volumes(config.dataset, root, config.data.val_split, list_dir=config.data.list_dir)
         summary, _ = evaluate_volumes(predict_fn, volumes, num_classes=config.model.num_classes, **kwargs)
     else:
-        source = data.get_source(config.dataset, root, config.data.val_split, split_seed=config.data.split_seed)
+        source = data.get_source(config.dataset, root, config.data.val_split, split_seed=config.data.split_seed,
+                                 list_dir=config.data.list_dir)
         summary, _ = evaluate_images(predict_fn, source, num_outputs=config.model.num_classes, **kwargs)
     return {f"val/{k}": float(v) for k, v in summary.items() if k in ("mean_dice", "mean_hd95", "mean_iou")}
 

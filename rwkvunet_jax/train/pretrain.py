@@ -39,6 +39,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from rwkvunet_jax.data.bad_examples import BAD_INDEX, BadExampleCounter, BadFractionError, describe
+from rwkvunet_jax.train import failsafe
 from rwkvunet_jax.train import sharding as shd
 from rwkvunet_jax.train.progress import step_bar
 
@@ -592,15 +594,21 @@ def train_and_evaluate(config, workdir: str | Path) -> RunResult:
     preempted = False
     t_last, step_last, first_step = time.perf_counter(), step, step
     metrics_dev = None
+    bad_examples = BadExampleCounter(data.max_bad_fraction, min_examples=data.bad_fraction_min_examples,
+                                     name=lambda i: describe(train_source, i))
+    data_state = None  # the iterator after the last completed step
     try:
         while step < total_steps:
             host_batch = next(train_iter)
-            data_state = train_iter.get_state()
+            next_data_state = train_iter.get_state()
             if batch_log is not None:
                 batch_log.write(json.dumps({"step": step, "hash": _batch_fingerprint(host_batch)}) + "\n")
                 batch_log.flush()
+            bad_examples.update(host_batch, check=False)  # checked at log steps, over all processes
+            host_batch = {k: v for k, v in host_batch.items() if k != BAD_INDEX}
             state, metrics_dev = steps.train_step(state, shd.host_local_batch_to_global(host_batch, mesh))
             step += 1
+            data_state = next_data_state
             if step == first_step + 1:  # keep compilation out of the throughput figures
                 jax.block_until_ready(metrics_dev)
                 log.info("first step compiled and ran in %.1f s", time.perf_counter() - t_last)
@@ -616,10 +624,17 @@ def train_and_evaluate(config, workdir: str | Path) -> RunResult:
                     metrics["images_per_second"] = (step - step_last) * global_batch / max(now - t_last, 1e-9)
                 metrics["epoch"] = step / steps_per_epoch
                 t_last, step_last = now, step
+                seen, bad = bad_examples.seen, bad_examples.bad
+                if nproc > 1:  # a collective at the same step everywhere: every process decides alike
+                    from jax.experimental import multihost_utils
+
+                    seen, bad = (int(v) for v in multihost_utils.process_allgather(np.array([seen, bad])).sum(0))
+                metrics["data/bad_examples"] = bad
                 if writer is not None:
                     writer.write(step, metrics)
                 if progress is not None:
                     progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics.get('lr', 0):.2e}")
+                bad_examples.check(seen, bad)
             do_eval = bool(config.eval.enabled and eval_every and (step % eval_every == 0 or step == total_steps))
             if do_eval:
                 last_eval = evaluate(state)
@@ -636,6 +651,14 @@ def train_and_evaluate(config, workdir: str | Path) -> RunResult:
                 log.warning("preempted: checkpoint at step %d written; exiting with code %d", step,
                             PREEMPTED_EXIT_CODE)
                 break
+    except BaseException as err:
+        failsafe.checkpoint_before_raising(
+            err, step=step, start_step=first_step, latest_saved=manager.latest_step(), process_count=nproc,
+            collective=isinstance(err, BadFractionError),
+            save=lambda: save_checkpoint(manager, steps, state, data_state, dict(
+                meta_base, epoch=step / steps_per_epoch, metrics=last_eval, preempted=False,
+                stopped_by=type(err).__name__), force=True))
+        raise
     finally:
         manager.wait_until_finished()
         manager.close()
