@@ -239,7 +239,7 @@ def test_too_many_unreadable_slices_stop_the_run_with_one_line_naming_them(tmp_p
                                                                            compile_cache):
     import shutil
 
-    from rwkvunet_jax.commands import finetune as finetune_command
+    from rwkvunet_jax.cli import main as rwkvunet
 
     root = tmp_path / "data"
     shutil.copytree(phantom_root, root)
@@ -250,8 +250,8 @@ def test_too_many_unreadable_slices_stop_the_run_with_one_line_naming_them(tmp_p
             *TINY, "--config.batch_size=4", "--config.total_steps=6", "--config.optim.warmup_steps=0",
             "--config.checkpoint.every_steps=5",
             "--config.eval.every_steps=0", "--config.log_every_steps=1", "--config.data.bad_fraction_min_examples=8",
-            "--config.data.max_bad_fraction=0.2", "--workdir", str(workdir), "--noprogress"]
-    assert finetune_command.main(argv) == 2
+            "--config.data.max_bad_fraction=0.2", "--workdir", str(workdir), "--no-progress"]
+    assert rwkvunet(["finetune", *argv]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rwkvunet finetune:")]
     assert len(lines) == 1, lines
     assert re.search(r"\d+ of 8 training examples .*max_bad_fraction=0.2; e\.g\. .*train_npz/.*\.npz", lines[0])
@@ -263,7 +263,7 @@ def test_too_many_unreadable_slices_stop_the_run_with_one_line_naming_them(tmp_p
 
 def test_list_dir_reaches_the_readers_of_finetune_and_evaluate(phantom_root, tmp_path, monkeypatch, capsys):
     from rwkvunet_jax import data
-    from rwkvunet_jax.commands import evaluate
+    from rwkvunet_jax.cli import main as rwkvunet
     from rwkvunet_jax.models.registry import create_model
 
     lists = tmp_path / "lists"
@@ -274,8 +274,8 @@ def test_list_dir_reaches_the_readers_of_finetune_and_evaluate(phantom_root, tmp
     checkpoint = ckpt.save_model(tmp_path / "model", model)
     argv = ["--config", str(CONFIGS / "demo.py"), f"--config.data.root={phantom_root}",
             "--config.data.image_size=(32,32)", *TINY, "--checkpoint", str(checkpoint), "--outdir",
-            str(tmp_path / "ev"), "--noprogress", f"--config.data.list_dir={lists}"]
-    assert evaluate.main(argv) == 2
+            str(tmp_path / "ev"), "--no-progress", f"--config.data.list_dir={lists}"]
+    assert rwkvunet(["evaluate", *argv]) == 2
     err = capsys.readouterr().err
     assert f"phantom file listed in {lists / 'test_vol.txt'} not found" in err and "phantom_test_99.npy.h5" in err
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from rwkvunet_jax.data import imagenet as inet
 from rwkvunet_jax.data.bad_examples import BAD_INDEX, ReadAndTransform
-from rwkvunet_jax.train.cli_config import parse_config_argv
+from rwkvunet_jax.commands.parsing import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 KINDS = ("noise", "structured", "grey", "cmyk", "palette_alpha_png", "rgba_png", "la_png", "grey16_png",
@@ -89,7 +89,7 @@ def write_messy_imagefolder(root: Path, count: int, seed: int = 0) -> Path:
 
 def b_transform() -> inet.TrainTransform:
     """The training transform of ``configs/pretrain_imagenet.py:b``."""
-    config, _ = parse_config_argv([f"--config={CONFIGS / 'pretrain_imagenet.py'}:b"], prog="test")
+    config = load_config(f"{CONFIGS / 'pretrain_imagenet.py'}:b")
     aug = config.aug
     return inet.TrainTransform(config.data.image_size, randaugment=aug.randaugment or None,
                                color_jitter=aug.color_jitter,
