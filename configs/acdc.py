@@ -5,7 +5,8 @@ r"""ACDC cardiac MRI (RV, Myo, LV + background), the paper's Table 4.
     rwkvunet evaluate --config configs/acdc.py:b --checkpoint runs/acdc_b
 
 Data: the SSL4MIS layout (``ACDC_training_slices/*.h5``, ``ACDC_training_volumes/*.h5``); patients 1-20 test,
-21-30 validation, 31-100 training.
+21-30 validation, 31-100 training (the official split, by patient id). ``--config.data.list_dir=DIR`` uses
+SSL4MIS-style lists instead (``DIR/train_slices.list``, ``val.list``, ``test.list``).
 Recipe (paper, Implementation Details): 224x224, 150 epochs, batch 24, AdamW lr 5e-4 with cosine annealing to 0,
 loss 0.3 CE + 0.7 Dice, flip TTA at test time; weight decay 1.5e-4 from the official script (the paper gives
 none). Validation (slice-wise on the validation volumes) every 100 iterations, the best mean Dice is kept

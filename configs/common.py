@@ -10,9 +10,14 @@ Fields (read by ``rwkvunet_jax.train.finetune``; the names shared with ``configs
 mean the same there):
   dataset            name for ``rwkvunet_jax.data.get_source`` / ``get_volumes``
   class_names        background first; used in metric tables
-  data.root          dataset directory; data.image_size (H, W) network input; data.augment recipe;
+  data.root          dataset directory; data.list_dir the folder of its list files (synapse, acdc; "" = beside
+                     the data, e.g. TransUNet's lists/lists_Synapse in its checkout); data.image_size (H, W)
+                     network input; data.augment recipe;
                      data.split_seed (8:1:1 splits); data.{train,val,test}_split ("" = none);
-                     data.worker_count (grain worker processes; 0 = threads only, -1 = CPU cores - 2)
+                     data.worker_count (grain worker processes; 0 = threads only, -1 = CPU cores - 2);
+                     data.max_bad_fraction: a training example that cannot be read or augmented is logged and
+                     replaced; the run stops when more than this fraction of the drawn examples were bad
+                     (checked from data.bad_fraction_min_examples drawn examples on; 1.0 = never)
   model.name/num_classes/in_chans, model.depths/widths (() = the size's default), drop_path_rate,
                      dtype ("float32" or "bfloat16" compute), wkv_impl, wkv_variant
   init.encoder       "" (from scratch), an Orbax checkpoint of an encoder/classifier/segmentation model, or an
@@ -61,7 +66,8 @@ def base_config(*, dataset, size, root, num_classes, in_chans, image_size, augme
     c.class_names = tuple(class_names)
     c.data = ml_collections.ConfigDict(
         dict(root=root, image_size=tuple(image_size), augment=augment, split_seed=0,
-             train_split="train", val_split="val", test_split="test", worker_count=0)
+             train_split="train", val_split="val", test_split="test", worker_count=0,
+             max_bad_fraction=0.01, bad_fraction_min_examples=1000, list_dir="")
     )
     c.model = ml_collections.ConfigDict(
         dict(name=MODEL_NAMES[size], num_classes=num_classes, in_chans=in_chans, depths=(), widths=(),

@@ -15,7 +15,9 @@ validation every 100 steps, the best checkpoint tested.
 Measured on the shared 2-core development machine (jax 0.10.2; other jobs kept the load average at 5-15, so
 wall times there are pessimistic): 300 steps -> held-out mean Dice 0.943 (liver 0.984, kidney 0.899, spleen
 0.941, vessel 0.949) in 10.7 min wall at load ~5, 8.0 user CPU-minutes (an earlier run of the same recipe: 0.949);
-240 steps -> 0.926. The target is mean Dice >= 0.90 in under 10 minutes on an otherwise idle 2-core machine.
+240 steps -> 0.926. Again at load ~6 (the run got half of the two cores): 0.948 in 21.5 min wall, 5.5 of them
+compiling the train step, 9.2 user CPU-minutes. The target is mean Dice >= 0.90 in under 10 minutes on an
+otherwise idle 2-core machine.
 """
 
 import pathlib

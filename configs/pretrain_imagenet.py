@@ -65,6 +65,11 @@ def get_config(arg: str = "b") -> ml_collections.ConfigDict:
     c.data.image_size = 32 if smoke else 224
     c.data.worker_count = 0 if smoke else -1  # grain worker processes per host (-1: CPU cores - 2)
     c.data.prefetch_batches = 2 if smoke else 4
+    # A file that cannot be decoded or augmented is logged and replaced (metric data/bad_examples); the run
+    # stops when more than this fraction of the drawn examples were bad, counted from
+    # bad_fraction_min_examples drawn examples on (all processes together). 1.0 = never.
+    c.data.max_bad_fraction = 0.01
+    c.data.bad_fraction_min_examples = 1000
     # > 0 writes a generated ImageFolder (to data.root, or WORKDIR/fake_imagefolder) before training.
     c.data.fake_classes = 10 if smoke else 0
     c.data.fake_train_per_class = 16

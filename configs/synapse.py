@@ -4,7 +4,9 @@ r"""Synapse multi-organ CT (8 organs + background), the paper's Table 3.
         --config.data.root=data/Synapse --config.init.encoder=pretrained/net_B.pth
     rwkvunet evaluate --config configs/synapse.py:b --checkpoint runs/synapse_b
 
-Data: the TransUNet release (``train_npz/*.npz`` slices, ``test_vol_h5/*.npy.h5`` volumes, ``lists_Synapse``).
+Data: the TransUNet release (``train_npz/*.npz`` slices, ``test_vol_h5/*.npy.h5`` volumes). The case lists
+(``train.txt``, ``test_vol.txt``) sit in TransUNet's checkout: pass ``--config.data.list_dir=TransUNet/lists/lists_Synapse``
+(or copy ``lists_Synapse/`` beside the data); without them every file of the folders is used, with a warning.
 Recipe (paper, Implementation Details): 224x224, 30 epochs, batch 24, AdamW lr 1e-3 with cosine annealing to 0,
 loss 0.5 CE + 0.5 Dice, flip TTA at test time; weight decay 1e-3 from the official script (the paper gives
 none). There is no validation split (the official run keeps the last epoch). Test: the 12 volumes, slice-wise

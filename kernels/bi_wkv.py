@@ -71,13 +71,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-__all__ = ["EPS", "NUM_CHUNKS", "bi_wkv_pallas", "default_interpret", "plan_summary"]
+from .wkv_spec import EMPTY_EXPONENT as _EMPTY
+from .wkv_spec import EPS, check_inputs, chunk_length
 
-EPS = 1e-6
-NUM_CHUNKS = 32  # the official kernel splits the tokens into 32 chunks of ceil(T / 32)
-VARIANTS = ("official", "paper")
-# Stands for log(0) in running maxima; finite so that max/subtract never makes inf - inf.
-_EMPTY = -1e30
+__all__ = ["bi_wkv_pallas", "default_interpret", "plan_summary"]
+
 # Tiles whose summaries the combine pass loads at once (their loads overlap).
 _COMBINE_GROUP = 8
 _DEFAULT_TILE_FORWARD = 16
@@ -117,7 +115,7 @@ class _Plan:
 
     @property
     def chunk(self) -> int:  # official chunk length n (semantics, not tiling)
-        return -(-self.tokens // NUM_CHUNKS)
+        return chunk_length(self.tokens)
 
     @property
     def num_tiles(self) -> int:
@@ -825,24 +823,8 @@ def bi_wkv_pallas(
     Accumulates in float32; float32, bfloat16 and float16 inputs; returns k's dtype. ``_unrolled`` (tests):
     in interpret mode, run the compiled path's unrolled row-at-a-time code instead of the row loop.
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"bi_wkv_pallas: unknown variant {variant!r}; expected one of {VARIANTS}")
-    w, u, k, v = (x if isinstance(x, jax.Array) else jnp.asarray(x) for x in (w, u, k, v))
-    if k.ndim != 3 or k.shape != v.shape:
-        raise ValueError(f"bi_wkv_pallas: expected k, v of the same shape (B, T, C); got k {k.shape}, v {v.shape}")
+    w, u, k, v = check_inputs(w, u, k, v, variant=variant, caller="bi_wkv_pallas", dtypes=_SUPPORTED_DTYPES)
     batch, tokens, channels = k.shape
-    if w.shape != (channels,) or u.shape != (channels,):
-        raise ValueError(f"bi_wkv_pallas: expected w, u of shape ({channels},); got w {w.shape}, u {u.shape}")
-    if tokens < 1:
-        raise ValueError(f"bi_wkv_pallas: needs at least one token (T >= 1); got k {k.shape}")
-    for name, x in (("w", w), ("u", u), ("k", k), ("v", v)):
-        if not any(x.dtype == jnp.dtype(d) for d in _SUPPORTED_DTYPES):
-            raise ValueError(
-                f"bi_wkv_pallas: {name} has dtype {x.dtype}; supported: float32, bfloat16, float16 "
-                "(use impl='scan' or 'naive' for float64)"
-            )
-    if k.dtype != v.dtype:
-        raise ValueError(f"bi_wkv_pallas: k and v must share a dtype; got {k.dtype}, {v.dtype}")
     if block_c is None:
         block_c = _default_block_c(channels)
     if not isinstance(block_c, int) or block_c < 1 or block_c & (block_c - 1):

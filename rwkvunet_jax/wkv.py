@@ -20,9 +20,16 @@ chunk start s = n * floor(t / n)::
     m = t                                e^{u} + [t > s] (1 - e^{w})
     m > t      (future, any chunk)       e^{-w (m-t)}
 
-and eps_t = EPS * e^{o_t} with EPS = 1e-6, o_t being the largest exponent among
-``{k_m - w(t-m): m < s} | {k_m - w(t-m-1): s <= m < t} | {k_m + w(t-m): s < m < t} | {u + k_t} |
-{k_t if t > s} | {k_m - w(m-t): m > t}`` (the coefficients 1 - e^{w} stay outside the exponents).
+and eps_t = EPS * e^{o_t} with EPS = 1e-6 and o_t the running maximum exponent the kernel holds when it
+writes y_t. The kernel never lowers a running maximum, so o_t also covers tokens it has already subtracted
+from its future sum (the chunk start, and each token of the chunk as the sweep passes it)::
+
+    o_t  = max(o1_t, o2_t, u + k_t)
+    o2_t = max( max_{m<s} k_m - w(t-m),  max_{s<=m<t} k_m - w(t-1-m) )
+    o1_t = max( max_{m>=s} k_m - w(m-s) + w(t-s),  max_{s<m<=t} k_m + w(t-m+1) )
+
+so at T = 1 the kernel gives y = v / (1 + EPS e^{-u}), not v / (1 + EPS). o_t bounds every exponent of the
+table, which is why it can also serve as the normalising reference of the sums.
 
 The variants differ: by about w * e^{k} relative for small per-token decays (1e-3 for |decay| ~ 1 at 784
 tokens), but by several percent at the WKV output when |w| per token is not small (short sequences, large
@@ -57,22 +64,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from rwkvunet_jax.kernels.wkv_spec import EMPTY_EXPONENT as _EMPTY
+from rwkvunet_jax.kernels.wkv_spec import EPS, NUM_CHUNKS, VARIANTS, check_inputs, chunk_length
+
 __all__ = ["EPS", "IMPLS", "VARIANTS", "NUM_CHUNKS", "bi_wkv", "chunk_length", "resolve_impl"]
 
-EPS = 1e-6
-NUM_CHUNKS = 32  # the official kernel splits the tokens into 32 chunks of ceil(T / 32)
 IMPLS = ("auto", "naive", "scan", "pallas")
-VARIANTS = ("official", "paper")
 _PALLAS_MODULE = "rwkvunet_jax.kernels.bi_wkv"
-# Stands for log(0) in running maxima. Finite (unlike -inf) so that max/subtract never makes inf - inf.
-_EMPTY = -1e30
 # Elements of one (B, query rows, T, channels) block of the dense evaluation (float32: 64 MiB per temporary).
 _NAIVE_BLOCK_ELEMENTS = 1 << 24
-
-
-def chunk_length(num_tokens: int) -> int:
-    """Tokens per chunk of the official kernel, n = ceil(T / 32)."""
-    return -(-num_tokens // NUM_CHUNKS)
 
 
 def resolve_impl(impl: str = "auto") -> str:
@@ -123,25 +123,7 @@ def bi_wkv(
 def _validate(w: Any, u: Any, k: Any, v: Any, impl: str, variant: str) -> tuple[jax.Array, ...]:
     if impl not in IMPLS:
         raise ValueError(f"bi_wkv: unknown impl {impl!r}; expected one of {IMPLS}")
-    if variant not in VARIANTS:
-        raise ValueError(f"bi_wkv: unknown variant {variant!r}; expected one of {VARIANTS}")
-    w, u, k, v = (x if isinstance(x, jax.Array) else jnp.asarray(x) for x in (w, u, k, v))
-    expect = "expected k, v of shape (B, T, C) and w, u of shape (C,)"
-    if k.ndim != 3 or v.ndim != 3:
-        raise ValueError(f"bi_wkv: {expect}; got k {k.shape}, v {v.shape}")
-    if k.shape != v.shape:
-        raise ValueError(f"bi_wkv: k and v must have the same shape (B, T, C); got k {k.shape}, v {v.shape}")
-    channels = k.shape[2]
-    if w.shape != (channels,) or u.shape != (channels,):
-        raise ValueError(f"bi_wkv: {expect} with C = {channels} from k; got w {w.shape}, u {u.shape}")
-    if k.shape[1] == 0:
-        raise ValueError(f"bi_wkv: needs at least one token (T >= 1); got k {k.shape}")
-    for name, x in (("w", w), ("u", u), ("k", k), ("v", v)):
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise ValueError(f"bi_wkv: {name} must have a floating dtype; got {x.dtype}")
-    if k.dtype != v.dtype:
-        raise ValueError(f"bi_wkv: k and v must have the same dtype; got k {k.dtype}, v {v.dtype}")
-    return w, u, k, v
+    return check_inputs(w, u, k, v, variant=variant, caller="bi_wkv")
 
 
 def _compute_dtype(*xs: jax.Array) -> jnp.dtype:
@@ -173,10 +155,12 @@ def _load_pallas() -> Callable[..., jax.Array]:
 
 def _exponents(
     w: jax.Array, u: jax.Array, k: jax.Array, t: jax.Array, variant: str
-) -> tuple[jax.Array, jax.Array | None]:
+) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """Exponents of W[t, m] for query rows ``t`` (Tq,) and all keys, shaped (B, Tq, T, C).
 
-    Returns (main, residual): W = e^{main} + (1 - e^{w}) e^{residual}, residual = -inf where absent.
+    Returns (main, residual, scale): W = e^{main} + (1 - e^{w}) e^{residual} (residual -inf where absent), and
+    for the official variant the extra exponents of the kernel's running maximum o_t (module docstring), so
+    that o_t = max over m of (main, scale). Paper: residual and scale are None.
     """
     num_tokens = k.shape[1]
     m = jnp.arange(num_tokens)[None, :]
@@ -190,18 +174,22 @@ def _exponents(
     main = k[:, None, :, :] - w * decays[None, :, :, None].astype(k.dtype)
     main = main + jnp.where((m == t)[None, :, :, None], u, 0.0)
     if variant == "paper":
-        return main, None
+        return main, None, None
+    grown = k[:, None, :, :] + w * d[None, :, :, None].astype(k.dtype)  # k_m + w (t - m)
     # The residual covers s < m < t and, for t > s, the token itself (there d = 0, so e^{k_t} as the table says).
-    in_residual = ((m > start) & (m <= t))[None, :, :, None]
-    residual = jnp.where(in_residual, k[:, None, :, :] + w * d[None, :, :, None].astype(k.dtype), -jnp.inf)
-    return main, residual
+    residual = jnp.where(((m > start) & (m <= t))[None, :, :, None], grown, -jnp.inf)
+    # o1's sets: k_m - w(m-s) + w(t-s) = k_m + w(t-m) for every m >= s, and k_m + w(t-m+1) for s < m <= t
+    # (o2's sets and u + k_t are exactly the main exponents of m < t and m = t).
+    scale = jnp.maximum(jnp.where((m >= start)[None, :, :, None], grown, -jnp.inf), residual + w)
+    return main, residual, scale
 
 
 def _naive_rows(w: jax.Array, u: jax.Array, k: jax.Array, v: jax.Array, t: jax.Array, variant: str) -> jax.Array:
-    main, residual = _exponents(w, u, k, t, variant)
+    main, residual, scale = _exponents(w, u, k, t, variant)
     top = jnp.max(main, axis=2, keepdims=True)
-    if residual is not None:
-        top = jnp.maximum(top, jnp.max(residual, axis=2, keepdims=True))
+    if scale is not None:
+        # top = o_t, which bounds every exponent of the table, so EPS needs no rescaling.
+        top = jnp.maximum(top, jnp.max(scale, axis=2, keepdims=True))
     top = lax.stop_gradient(top)
     weights = jnp.exp(main - top)
     eps = 0.0
@@ -355,11 +343,16 @@ def _scan_impl(w, u, k, v, *, variant: str, compute_dtype: jnp.dtype) -> jax.Arr
         _, (past, residual) = lax.scan(_remat(official_step), (_empty(zero),) * 3, (k, v, later))
         leak = 1.0 - jnp.exp(w)  # may be negative: the reason the terms are combined only here
         terms = [(1.0, past), (leak, residual), (1.0, future)]
-        # Largest exponent o_t of the table (module docstring); only the scale of EPS depends on it.
-        # The CUDA kernel's own running maximum differs slightly, so its EPS term differs by ~1e-6 relative.
+        # The kernel's running maximum o_t (module docstring), which sets the scale of EPS. o2_t is the past
+        # sum's running maximum. o1_t: max_{m>=s} k_m - w(m-s), taken at the chunk start s from the exclusive
+        # future maximum, then grown by w(t-s); and w + max_{s<m<=t} k_m + w(t-m), the residual's running
+        # maximum with the token itself.
+        starts = jnp.arange(num_tokens) - jnp.arange(num_tokens) % chunk
+        at_start = jnp.maximum(k, future[0])[starts]
+        grown = at_start + w * (jnp.arange(num_tokens) % chunk)[:, None, None].astype(k.dtype)
         self_k = jnp.where(later[:, None, None], k, _EMPTY)
-        top = jnp.maximum(jnp.maximum(past[0], residual[0]), jnp.maximum(future[0], u + k))
-        top = jnp.maximum(top, self_k)
+        top = jnp.maximum(jnp.maximum(past[0], grown), jnp.maximum(residual[0], self_k) + w)
+        top = jnp.maximum(top, u + k)  # o_t bounds every exponent of the table: no rescaling of EPS needed
         eps = EPS
 
     top = lax.stop_gradient(top)

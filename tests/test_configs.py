@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from rwkvunet_jax.train.cli_config import parse_config_argv
+from rwkvunet_jax.commands.parsing import CommandError, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 BINARY = ("busi", "cvc_clinicdb", "cvc_colondb", "kvasir_seg", "isic2017", "glas")
@@ -25,8 +25,7 @@ PAPER_DICE = {
 
 
 def load(name, arg, *overrides):
-    config, _ = parse_config_argv([f"--config={CONFIGS / name}.py:{arg}", *overrides], prog="test")
-    return config
+    return load_config(f"{CONFIGS / name}.py:{arg}", overrides)
 
 
 @pytest.mark.parametrize("size", ["t", "s", "b"])
@@ -125,7 +124,7 @@ def test_finetune_and_pretrain_configs_share_one_vocabulary():
     finetune = _fields(load("synapse", "b"))
     shared = {"seed", "batch_size", "epochs", "total_steps", "accum_steps", "bn_group_size", "ema_decay",
               "log_every_steps", "data.root", "data.worker_count", "data.train_split", "data.val_split",
-              "data.image_size", "eval.every_steps", "eval.every_epochs", "eval.batch_size", "checkpoint.every_steps",
+              "data.image_size", "data.max_bad_fraction", "data.bad_fraction_min_examples", "eval.every_steps", "eval.every_epochs", "eval.batch_size", "checkpoint.every_steps",
               "checkpoint.keep", "checkpoint.async_save", "debug.log_batches", "debug.sigterm_at_step",
               "model.name", "model.num_classes", "model.drop_path_rate", "model.dtype"}
     optim = {f for f in pretrain if f.startswith("optim.")}
@@ -143,8 +142,9 @@ def test_old_field_names_get_a_message_naming_the_new_one():
         for name in ("pretrain_imagenet", "synapse"):
             fields = _fields(load(name, "b"))
             assert old not in fields and new_field in fields, (name, old, new_field)
-            with pytest.raises(ValueError, match="no config field"):
+            with pytest.raises(CommandError) as refused:  # the override names the new field
                 load(name, "b", f"--config.{old}=1")
+            assert str(refused.value) == message and "no config field" not in message
     assert renamed_override_message(["--config.optim.lr=1", "--config.model.depths=(1,1,2,2)"]) is None
     old_file = load("synapse", "b")  # a config written before the rename still reads, and is told
     with old_file.unlocked():

@@ -66,6 +66,18 @@ def test_file_errors_name_the_path(tmp_path):
         write_state_dict(_sample(), tmp_path / "w.txt")
     with pytest.raises(FileNotFoundError, match="nowhere"):
         write_state_dict(_sample(), tmp_path / "nowhere" / "w.pth")
+    # What people pass by mistake: say what the file is and what is expected, not torch's advice.
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    (tmp_path / "array.pth").write_bytes((tmp_path / "array.npy").read_bytes())
+    (tmp_path / "notes.pth").write_text("hello")
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pth")
+    for name, message in (("array.pth", "is not a PyTorch checkpoint: it holds a NumPy .npy array"),
+                          ("notes.pth", "is not a PyTorch checkpoint: it holds text"),
+                          ("module.pth", "holds a pickled torch.nn.modules.linear.Linear object, not a state_dict")):
+        with pytest.raises(ValueError, match="expected|state_dict") as info:
+            read_state_dict(tmp_path / name)
+        assert message in str(info.value) and "file an issue" not in str(info.value).lower()
+        assert len(str(info.value).splitlines()) == 1
     empty = tmp_path / "empty.pth"
     torch.save({"epoch": 1}, empty)
     with pytest.raises(ValueError, match="empty.pth.*no tensors"):
@@ -113,14 +125,22 @@ def test_convert_command_both_ways_and_encoder_only(tmp_path, capsys):
     enc, ref = params_and_stats(seg.encoder), params_and_stats(encoder)
     assert all(np.array_equal(enc[p], ref[p]) for p in enc)
 
-    # Clear failures: an existing target, a missing --model, a wrong architecture.
-    with pytest.raises(SystemExit, match="already exists"):
-        cli_main(["convert", "--from", str(pth), "--to", str(back_dir), "--model", "rwkv_unet_t"])
-    with pytest.raises(SystemExit, match="--model is required"):
-        cli_main(["convert", "--from", str(pth), "--to", str(tmp_path / "x")])
-    with pytest.raises(SystemExit, match="shape mismatch"):
-        cli_main(["convert", "--from", str(pth), "--to", str(tmp_path / "y"), "--model", "rwkv_unet_t",
-                  "--in-chans", "1", "--override", "depths=1,1,2,2", "--override", "widths=8,16,16,32"])
-    with pytest.raises(SystemExit, match="does not exist"):
-        cli_main(["convert", "--from", str(tmp_path / "nope"), "--to", str(tmp_path / "z.pth")])
+    # Clear one-line failures (exit status 2): an existing target, a missing --model, a wrong architecture.
+    def fails(argv, message):
+        assert cli_main(["convert", *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+
+    fails(["--from", str(pth), "--to", str(back_dir), "--model", "rwkv_unet_t"], "already exists")
+    fails(["--from", str(pth), "--to", str(tmp_path / "x")], "--model is required")
+    fails(["--from", str(pth), "--to", str(tmp_path / "y"), "--model", "rwkv_unet_t", "--in-chans", "1",
+           "--override", "depths=1,1,2,2", "--override", "widths=8,16,16,32"], "shape mismatch")
+    fails(["--from", str(tmp_path / "nope"), "--to", str(tmp_path / "z.pth")], "does not exist")
+
+    # Orbax -> an existing file is refused like the other direction, and replaced with --overwrite.
+    out.write_bytes(b"keep me")
+    fails(["--from", str(ckpt), "--to", str(out)], f"{out} already exists; pass --overwrite")
+    assert out.read_bytes() == b"keep me"
+    assert cli_main(["convert", "--from", str(ckpt), "--to", str(out), "--overwrite"]) == 0
+    assert list(read_state_dict(out)) == list(expected)
     assert not Path(tmp_path / "y").exists()

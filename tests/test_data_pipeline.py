@@ -66,7 +66,31 @@ def test_recipes_keep_the_class_set_and_the_batch_contract(recipe):
         assert batch["image"].shape == (4, 32, 48, 2) and batch["image"].dtype == np.float32
         assert batch["label"].shape == (4, 32, 48) and batch["label"].dtype == np.int32
         assert set(np.unique(batch["label"])) <= set(CLASSES)
-        assert set(batch) == {"image", "label"}
+        assert set(batch) == {"image", "label", "bad_index"}
+        np.testing.assert_array_equal(batch["bad_index"], -1)  # nothing failed
+
+
+class BrokenPatternSource(PatternSource):
+    """PatternSource whose examples 3 and 7 fail to read (a corrupt file) and whose example 5 has a label
+    the augmentation cannot take (a 1-D label)."""
+
+    def load(self, index):
+        if index in (3, 7):
+            raise OSError(f"corrupt file ex{index}")
+        image, label = super().load(index)
+        return (image[0], label[0]) if index == 5 else (image, label)
+
+
+def test_a_bad_example_is_replaced_the_same_way_every_run_and_flagged(caplog):
+    src = BrokenPatternSource()
+    runs = [take(train_iterator(src, RecipeTransform("none", (32, 32)), batch_size=4, seed=2), 9) for _ in range(2)]
+    assert_same_batches(*runs)
+    flagged = np.concatenate([b["bad_index"] for b in runs[0]])
+    assert sorted(set(flagged[flagged >= 0].tolist())) == [3, 5, 7]  # three epochs of 12
+    assert (flagged >= 0).sum() == 9
+    served = np.concatenate([np.rint(b["image"][:, 0, 0, 1]) for b in runs[0]]).astype(int)  # the index tag
+    assert not set(served) & {3, 5, 7}  # what was served in their place is another, readable example
+    assert "bad example 3 (ex3: OSError: corrupt file ex3)" in caplog.text
 
 
 @pytest.mark.parametrize("recipe,options", [("synapse", {"rot_flip": True}), ("acdc", {})])

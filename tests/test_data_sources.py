@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import shutil
 from pathlib import Path
 
 import h5py
@@ -112,10 +113,57 @@ def test_synapse_test_volumes_and_their_slices(tmp_path):
         get_source("synapse", tmp_path, "val")
 
 
-def test_synapse_without_list_file_uses_the_folder(tmp_path):
+def test_synapse_without_list_file_uses_the_folder_and_says_so(tmp_path):
+    from rwkvunet_jax.data.synapse import MissingListWarning
+
     write_synapse(tmp_path, np.random.default_rng(2))
     (tmp_path / "lists" / "lists_Synapse" / "train.txt").unlink()
-    assert len(get_source("synapse", tmp_path, "train")) == 6
+    with pytest.warns(MissingListWarning, match=r"no train.txt found beside the data; using all 6 .npz files .*data.list_dir"):
+        assert len(get_source("synapse", tmp_path, "train")) == 6
+
+
+def test_synapse_lists_kept_beside_the_transunet_code(tmp_path, recwarn):
+    # TransUNet's layout: the data folder holds only train_npz/ and test_vol_h5/; the lists live in the
+    # code's checkout, lists/lists_Synapse/{train,test_vol}.txt, and name a subset in their own order.
+    data_root = tmp_path / "data" / "Synapse"
+    written = write_synapse(data_root, np.random.default_rng(6), depths=(3, 2, 4))
+    shutil.move(str(data_root / "lists"), str(tmp_path / "data" / "unused"))
+    lists = tmp_path / "TransUNet" / "lists" / "lists_Synapse"
+    lists.mkdir(parents=True)
+    train_names = written["train"][1:5][::-1]
+    (lists / "train.txt").write_text("\n".join(train_names) + "\n")
+    (lists / "test_vol.txt").write_text("case0003\ncase0001\n")
+    (lists / "all.lst").write_text("case0001.npy.h5\n")  # present in the real folder, unused
+
+    train = get_source("synapse", data_root, "train", list_dir=lists)
+    assert train.ids == train_names
+    vols = get_volumes("synapse", data_root, "test", list_dir=str(lists))
+    assert [v["id"] for v in vols] == ["case0003", "case0001"]
+    assert len(get_source("synapse", data_root, "test", list_dir=lists)) == 4 + 3
+    assert not [w for w in recwarn if "list" in str(w.message)]
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nolists" / "train.txt")):
+        get_source("synapse", data_root, "train", list_dir=tmp_path / "nolists")
+    with pytest.warns(UserWarning, match="no test_vol.txt"):  # "" = beside the data, as without the option
+        assert len(get_volumes("synapse", data_root, "test", list_dir="")) == 3
+    with pytest.raises(ValueError, match="does not take option"):
+        get_source("busi", tmp_path, "train", list_dir=lists)
+
+
+def test_acdc_lists_in_the_ssl4mis_style(tmp_path):
+    write_acdc(tmp_path / "ACDC", np.random.default_rng(7))
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "train_slices.list").write_text("patient064_frame12_slice_1\npatient002_frame01_slice_0\n")
+    (lists / "val.list").write_text("patient031_frame01\n")
+    (lists / "test.txt").write_text("patient022_frame12\npatient015_frame01\n")
+    assert get_source("acdc", tmp_path, "train", list_dir=lists).ids == ["patient064_frame12_slice_1",
+                                                                         "patient002_frame01_slice_0"]
+    assert [v["id"] for v in get_volumes("acdc", tmp_path, "val", list_dir=lists)] == ["patient031_frame01"]
+    assert [v["id"] for v in get_volumes("acdc", tmp_path, "test", list_dir=lists)] == ["patient022_frame12",
+                                                                                        "patient015_frame01"]
+    (lists / "val.list").write_text("patient099_frame01\n")
+    with pytest.raises(FileNotFoundError, match="patient099_frame01.h5"):
+        get_volumes("acdc", tmp_path, "val", list_dir=lists)
 
 
 def test_synapse_errors_name_the_path(tmp_path):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from rwkvunet_jax import checkpoint as ckpt
+from rwkvunet_jax.cli import main as cli_main
 from rwkvunet_jax.commands import demo
 
 
@@ -21,12 +22,23 @@ def test_short_demo_produces_every_artefact(tmp_path, capsys):
     assert set(metrics["per_class"]) == {"liver", "kidney", "spleen", "vessel"}  # foreground classes only
     assert len(metrics["cases"]) == 2
     assert (workdir / "progress.png").stat().st_size > 0
-    assert len(list((workdir / "eval" / "overlays").glob("*.png"))) == 2
+    assert len(list((workdir / "eval_test" / "overlays").glob("*.png"))) == 2
     assert (workdir / "data" / "phantom.json").is_file()
     assert list((workdir / "tensorboard").glob("events.*"))
     model = ckpt.load_model(workdir)
     assert model.spec.name == "rwkv_unet_t" and model.spec.depths == (2, 2, 4, 2)  # the real T architecture
     assert str(workdir / "metrics.json") in out and "mean Dice" in out
+
+    # Rerunning into the finished run with other settings is refused before anything is touched.
+    data_meta = (workdir / "data" / "phantom.json").stat().st_mtime_ns
+    config_json = (workdir / "config.json").read_text()
+    assert cli_main(["demo", "--workdir", str(workdir), "--steps", "3", "--num-train", "6", "--num-val", "2",
+                     "--num-test", "2", "--image-size", "32", "--batch-size", "2", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "total_steps 2 -> 3" in err and "phantom.num_train 8 -> 6" in err
+    assert "new --workdir" in err and len(err.strip().splitlines()) == 1
+    assert (workdir / "data" / "phantom.json").stat().st_mtime_ns == data_meta
+    assert (workdir / "config.json").read_text() == config_json
 
     torch = pytest.importorskip("torch")
     exported = torch.load(workdir / "export" / "rwkv_unet_t.pth", map_location="cpu", weights_only=True)
@@ -35,7 +47,7 @@ def test_short_demo_produces_every_artefact(tmp_path, capsys):
 
 
 def test_demo_rejects_bad_settings(tmp_path, capsys):
-    assert demo.main(["--workdir", str(tmp_path / "d"), "--image-size", "40"]) == 2
+    assert cli_main(["demo", "--workdir", str(tmp_path / "d"), "--image-size", "40"]) == 2
     assert "multiple of 16" in capsys.readouterr().err
-    assert demo.main(["--workdir", str(tmp_path / "d"), "--config", str(tmp_path / "none.py")]) == 2
+    assert cli_main(["demo", "--workdir", str(tmp_path / "d"), "--config", str(tmp_path / "none.py")]) == 2
     assert "none.py" in capsys.readouterr().err

@@ -160,5 +160,23 @@ def test_evaluate_dataset_writes_report_for_phantom_volumes(tmp_path):
     assert set(payload) >= {"mean_dice", "mean_hd95", "per_class", "cases", "paper"}
     assert payload["paper"] == {"mean_dice": 80.0}
     assert len(payload["cases"]) == 3  # 5 test images in volumes of 2
-    assert len(list((tmp_path / "eval" / "overlays").glob("*.png"))) == 2
     assert (tmp_path / "eval" / "metrics.csv").read_text().count("\n") == 4
+    # Overlays of the worst and the best case by mean Dice.
+    cases = sorted(payload["cases"], key=lambda c: c["mean_dice"])
+    names = sorted(p.name for p in (tmp_path / "eval" / "overlays").glob("*.png"))
+    assert [n.split("_slice")[0] for n in names] == [f"1_worst_{cases[0]['id']}", f"2_best_{cases[-1]['id']}"]
+
+
+def test_overlay_cases_are_the_worst_median_and_best():
+    from rwkvunet_jax.eval.evaluate import pick_cases
+
+    scores = [0.5, 0.9, 0.1, 0.7, 0.3, 0.8]
+    ranked = sorted(range(len(scores)), key=lambda i: scores[i])  # 2, 4, 0, 3, 5, 1
+    assert pick_cases(scores, 3) == [(ranked[0], "worst"), (ranked[2], "median"), (ranked[-1], "best")]
+    picked = pick_cases(scores, 4)
+    assert picked[0] == (ranked[0], "worst") and picked[-1] == (ranked[-1], "best") and len(picked) == 4
+    assert (ranked[2], "median") in picked
+    assert pick_cases(scores, 2) == [(ranked[0], "worst"), (ranked[-1], "best")]
+    assert pick_cases(scores, 1) == [(ranked[2], "median")]
+    assert pick_cases(scores, 10) == [(i, n) for i, n in pick_cases(scores, 6)] and len(pick_cases(scores, 10)) == 6
+    assert pick_cases([], 3) == [] and pick_cases(scores, 0) == []

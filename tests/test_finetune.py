@@ -6,6 +6,7 @@ directory so that the interrupted and resumed runs (same program) do not compile
 """
 
 import json
+import re
 from pathlib import Path
 
 import jax
@@ -13,8 +14,8 @@ import numpy as np
 import pytest
 
 from rwkvunet_jax import checkpoint as ckpt
+from rwkvunet_jax.commands.parsing import load_config
 from rwkvunet_jax.train import finetune
-from rwkvunet_jax.train.cli_config import parse_config_argv
 from rwkvunet_jax.train.metric_writer import read_metrics
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -30,17 +31,20 @@ def phantom_root(tmp_path_factory):
                                  image_size=(32, 32), num_classes=3, seed=0, slices_per_volume=4)
 
 
-def tiny_config(root, *extra):
-    """The demo config shrunk for tests; ``extra`` overrides replace defaults of the same field (a repeated
-    tuple flag would be appended to, not replaced)."""
+def tiny_overrides(root, *extra):
+    """The overrides that shrink the demo config for tests; ``extra`` overrides replace defaults of the same
+    field (a repeated tuple flag would be appended to, not replaced)."""
     argv = [f"--config.data.root={root}", "--config.data.image_size=(32,32)", *TINY, "--config.batch_size=4",
             "--config.eval.batch_size=4", "--config.total_steps=6", "--config.optim.warmup_steps=0",
             "--config.checkpoint.every_steps=2", "--config.eval.every_steps=3", "--config.log_every_steps=1",
             "--config.eval.num_overlays=2", "--config.checkpoint.keep=2"]
     replaced = {e.split("=")[0] for e in extra}
-    argv = [a for a in argv if a.split("=")[0] not in replaced] + list(extra)
-    config, _ = parse_config_argv(["--config", f"{CONFIGS / 'demo.py'}", *argv], prog="test")
-    return config
+    return [a for a in argv if a.split("=")[0] not in replaced] + list(extra)
+
+
+def tiny_config(root, *extra):
+    """The demo config shrunk for tests (see :func:`tiny_overrides`)."""
+    return load_config(str(CONFIGS / "demo.py"), tiny_overrides(root, *extra))
 
 
 @pytest.fixture(scope="module")
@@ -60,14 +64,16 @@ def test_run_lowers_the_loss_and_writes_every_artefact(finished_run):
     losses = _losses(workdir)
     assert [s for s, _ in losses] == list(range(1, 7))
     assert np.mean([v for _, v in losses[-2:]]) < np.mean([v for _, v in losses[:2]]), losses
-    for name in ("progress.png", "metrics.csv", "metrics.jsonl", "config.json", "eval/metrics.json",
-                 "eval/metrics.csv"):
+    for name in ("progress.png", "metrics.csv", "metrics.jsonl", "config.json", "eval_test/metrics.json",
+                 "eval_test/metrics.csv"):
         assert (workdir / name).is_file(), name
     assert list((workdir / "tensorboard").glob("events.*"))
-    assert len(list((workdir / "eval" / "overlays").glob("*.png"))) == 2
+    train = [r for r in read_metrics(workdir) if "train/loss" in r]
+    assert all({"train/ce", "train/dice_loss"} <= set(r) and "train/dice" not in r for r in train)  # a loss, named so
+    assert len(list((workdir / "eval_test" / "overlays").glob("*.png"))) == 2
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [4, 6]
     assert [p.name for p in (workdir / "checkpoints_best").iterdir() if p.name.isdigit()] == [str(summary["best"]["step"])]
-    metrics = json.loads((workdir / "eval" / "metrics.json").read_text())
+    metrics = json.loads((workdir / "eval_test" / "metrics.json").read_text())
     assert set(metrics["per_class"]) == {"liver", "kidney"} and 0 <= metrics["mean_dice"] <= 1
     vals = [r for r in read_metrics(workdir) if "val/mean_dice" in r]
     assert [r["step"] for r in vals] == [3, 6]
@@ -108,23 +114,39 @@ def test_killed_run_resumes_at_the_saved_step_with_the_same_batches(tmp_path, fi
     assert [s for s, _ in ours] == [s for s, _ in reference] == list(range(1, 7))
     np.testing.assert_allclose([v for _, v in ours], [v for _, v in reference], rtol=1e-6, atol=1e-6)
     assert resumed["metrics"]["mean_dice"] == pytest.approx(
-        json.loads((full_dir / "eval" / "metrics.json").read_text())["mean_dice"], abs=1e-6)
+        json.loads((full_dir / "eval_test" / "metrics.json").read_text())["mean_dice"], abs=1e-6)
+
+
+def test_sigterm_saves_stops_and_the_command_exits_75(tmp_path, phantom_root, finished_run, capsys):
+    from rwkvunet_jax.cli import main as rwkvunet
+
+    full_dir, _ = finished_run
+    workdir = tmp_path / "run"
+    argv = ["--config", str(CONFIGS / "demo.py"), *tiny_overrides(phantom_root, "--config.debug.sigterm_at_step=3"),
+            "--workdir", str(workdir), "--no-progress"]
+    assert rwkvunet(["finetune", *argv]) == 75
+    assert "preempted: checkpoint at step 3" in capsys.readouterr().out
+    # Step 3 is not a periodic checkpoint step (every 2): it was saved for the preemption, and training stopped.
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [2, 3]
+    assert [s for s, _ in _losses(workdir)] == [1, 2, 3]
+    np.testing.assert_allclose([v for _, v in _losses(workdir)], [v for _, v in _losses(full_dir)[:3]], rtol=1e-6,
+                               atol=1e-6)
 
 
 def test_evaluate_command_reads_the_run_and_agrees(finished_run, phantom_root, tmp_path, capsys):
-    from rwkvunet_jax.commands import evaluate
+    from rwkvunet_jax.cli import main as cli_main
 
     workdir, summary = finished_run
     argv = ["--config", str(CONFIGS / "demo.py"), f"--config.data.root={phantom_root}",
             "--config.data.image_size=(32,32)", *TINY, "--checkpoint", str(workdir), "--outdir", str(tmp_path / "ev"),
-            "--noprogress"]
-    assert evaluate.main(argv) == 0
+            "--no-progress"]
+    assert cli_main(["evaluate", *argv]) == 0
     got = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert got["mean_dice"] == pytest.approx(summary["metrics"]["mean_dice"], abs=1e-6)
     assert "liver" in capsys.readouterr().out
 
     wrong = [a if "num_classes" not in a else "--config.model.num_classes=4" for a in argv]
-    assert evaluate.main(wrong) == 2
+    assert cli_main(["evaluate", *wrong]) == 2
     assert "num_classes=3" in capsys.readouterr().err
 
 
@@ -192,3 +214,106 @@ def test_pretrained_encoder_from_orbax_classifier_and_torch_file(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         finetune.load_pretrained_encoder(seg2, tmp_path / "missing.pth")
+
+
+class _InterruptAt:
+    """A training iterator that raises ``error`` on its ``at``-th batch (what Ctrl-C or a data error does)."""
+
+    def __init__(self, inner, at: int, error: BaseException):
+        self.inner, self.at, self.error, self.count = inner, at, error, 0
+
+    def __next__(self):
+        self.count += 1
+        if self.count == self.at:
+            raise self.error
+        return next(self.inner)
+
+    def get_state(self):
+        return self.inner.get_state()
+
+    def set_state(self, state):
+        self.inner.set_state(state)
+
+
+def test_an_exception_in_the_loop_saves_the_last_step_with_its_data_position(tmp_path, phantom_root, monkeypatch,
+                                                                              finished_run):
+    from rwkvunet_jax import data
+
+    real = data.train_iterator
+    monkeypatch.setattr(data, "train_iterator", lambda *a, **k: _InterruptAt(real(*a, **k), 4, KeyboardInterrupt()))
+    workdir = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        finetune.train_and_evaluate(tiny_config(phantom_root), workdir, progress=False)
+    # Steps 1-3 ran, periodic checkpoints are every 2 steps: step 3 was saved on the way out.
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [2, 3]
+
+    # Its data state is the one after three batches (not the live iterator's, which failed on the fourth).
+    from rwkvunet_jax.train.checkpoints import TrainCheckpoints
+
+    config = tiny_config(phantom_root)
+    source = data.get_source("phantom", phantom_root, "train")
+
+    def fresh():
+        return real(source, data.RecipeTransform(config.data.augment, (32, 32)), batch_size=4, seed=config.seed)
+
+    uninterrupted = fresh()
+    expected = [next(uninterrupted) for _ in range(4)][-1]
+    with TrainCheckpoints(workdir / "checkpoints") as saved:
+        restored = saved.restore_data(3, fresh())
+    np.testing.assert_array_equal(next(restored)["image"], expected["image"])
+
+
+def test_too_many_unreadable_slices_stop_the_run_with_one_line_naming_them(tmp_path, phantom_root, capsys,
+                                                                           compile_cache):
+    import shutil
+
+    from rwkvunet_jax.cli import main as rwkvunet
+
+    root = tmp_path / "data"
+    shutil.copytree(phantom_root, root)
+    for path in sorted((root / "train_npz").glob("*.npz"))[::2]:  # half the training slices
+        path.write_bytes(b"not an npz file")
+    workdir = tmp_path / "run"
+    argv = ["--config", str(CONFIGS / "demo.py"), f"--config.data.root={root}", "--config.data.image_size=(32,32)",
+            *TINY, "--config.batch_size=4", "--config.total_steps=6", "--config.optim.warmup_steps=0",
+            "--config.checkpoint.every_steps=5",
+            "--config.eval.every_steps=0", "--config.log_every_steps=1", "--config.data.bad_fraction_min_examples=8",
+            "--config.data.max_bad_fraction=0.2", "--workdir", str(workdir), "--no-progress"]
+    assert rwkvunet(["finetune", *argv]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rwkvunet finetune:")]
+    assert len(lines) == 1, lines
+    assert re.search(r"\d+ of 8 training examples .*max_bad_fraction=0.2; e\.g\. .*train_npz/.*\.npz", lines[0])
+    # It stopped on drawing the second batch (8 examples) and saved step 1; the running count is a metric.
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [1]
+    counts = [r["data/bad_examples"] for r in read_metrics(workdir) if "data/bad_examples" in r]
+    assert len(counts) == 1 and counts[0] >= 1
+
+
+def test_list_dir_reaches_the_readers_of_finetune_and_evaluate(phantom_root, tmp_path, monkeypatch, capsys):
+    from rwkvunet_jax import data
+    from rwkvunet_jax.cli import main as rwkvunet
+    from rwkvunet_jax.models.registry import create_model
+
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    cases = (phantom_root / "lists_Synapse" / "test_vol.txt").read_text().split()
+    (lists / "test_vol.txt").write_text(f"{cases[0]}\nphantom_test_99\n")  # a case the data folder lacks
+    model = create_model("rwkv_unet_t", num_classes=3, in_chans=1, depths=(1, 1, 2, 2), widths=(8, 16, 16, 32))
+    checkpoint = ckpt.save_model(tmp_path / "model", model)
+    argv = ["--config", str(CONFIGS / "demo.py"), f"--config.data.root={phantom_root}",
+            "--config.data.image_size=(32,32)", *TINY, "--checkpoint", str(checkpoint), "--outdir",
+            str(tmp_path / "ev"), "--no-progress", f"--config.data.list_dir={lists}"]
+    assert rwkvunet(["evaluate", *argv]) == 2
+    err = capsys.readouterr().err
+    assert f"phantom file listed in {lists / 'test_vol.txt'} not found" in err and "phantom_test_99.npy.h5" in err
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("list_dir"))
+        raise KeyboardInterrupt  # stop before any training
+
+    monkeypatch.setattr(data, "get_source", spy)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.train_and_evaluate(tiny_config(phantom_root, f"--config.data.list_dir={lists}"), tmp_path / "w")
+    assert seen == [str(lists)]

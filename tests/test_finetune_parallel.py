@@ -16,18 +16,18 @@ SCRIPT = textwrap.dedent("""
     import json, sys
     import jax
     from rwkvunet_jax.data.phantom import write_phantom_dataset
-    from rwkvunet_jax.train.cli_config import parse_config_argv
+    from rwkvunet_jax.commands.parsing import load_config
     from rwkvunet_jax.train.finetune import train_and_evaluate
     from rwkvunet_jax.train.metric_writer import read_metrics
 
     root, workdir, config_file = sys.argv[1:4]
     write_phantom_dataset(root, num_train=8, num_val=4, num_test=4, image_size=(32, 32), num_classes=3, seed=0)
-    config, _ = parse_config_argv([
-        f"--config={config_file}", f"--config.data.root={root}", "--config.data.image_size=(32,32)",
+    config = load_config(config_file, [
+        f"--config.data.root={root}", "--config.data.image_size=(32,32)",
         "--config.model.depths=(1,1,2,2)", "--config.model.widths=(8,16,16,32)", "--config.model.num_classes=3",
         "--config.class_names=('b','x','y')", "--config.batch_size=4", "--config.eval.batch_size=4",
         "--config.total_steps=3", "--config.optim.warmup_steps=0", "--config.log_every_steps=1",
-        "--config.model.drop_path_rate=0.0", "--config.eval.every_steps=3", "--config.data.test_split="], prog="t")
+        "--config.model.drop_path_rate=0.0", "--config.eval.every_steps=3", "--config.data.test_split="])
     train_and_evaluate(config, workdir, progress=False)
     losses = [r["train/loss"] for r in read_metrics(workdir) if "train/loss" in r]
     val = [r["val/mean_dice"] for r in read_metrics(workdir) if "val/mean_dice" in r]

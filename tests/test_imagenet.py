@@ -183,7 +183,8 @@ def test_tfds_array_record_source_reads_without_tensorflow(tmp_path):
     TinyImagenet(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
     source = inet.make_source("tfds", split="train", name="tiny_imagenet", data_dir=tmp_path)
     assert len(source) == 8 and source.num_classes == 4
-    raw = source._source  # tfds shuffles records by key; match them back through file_name
+    # tfds shuffles records by key: match them back through file_name, read with tfds itself.
+    raw = tfds.data_source("tiny_imagenet", split="train", data_dir=str(tmp_path))
     for i in range(len(source)):
         example = source[i]
         np.testing.assert_array_equal(example["image"], pixels[(8, raw[i]["file_name"].decode())])

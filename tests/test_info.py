@@ -28,9 +28,9 @@ def test_info_table_accepts_non_square_sizes(capsys):
     assert "3.100" in out and "224x160" in out
 
 
-def test_info_rejects_sizes_that_are_not_multiples_of_16():
-    with pytest.raises(ValueError, match="multiples of 16"):
-        main(["info", "--model", "rwkv_unet_t", "--img-size", "100"])
+def test_info_rejects_sizes_that_are_not_multiples_of_16(capsys):
+    assert main(["info", "--model", "rwkv_unet_t", "--img-size", "100"]) == 2
+    assert capsys.readouterr().err == "rwkvunet info: --img-size must be positive multiples of 16, got 100\n"
 
 
 def test_console_dispatcher_lists_commands_and_rejects_unknown_ones():

@@ -83,12 +83,12 @@ def test_two_processes_train_get_preempted_and_resume_at_the_same_batch(tmp_path
     assert f"done at step {saved + 2} (resumed from {saved})" in out2
 
     # What an uninterrupted pipeline yields at steps 0 .. saved + 1, per process.
+    from rwkvunet_jax.commands.parsing import load_config
     from rwkvunet_jax.data import imagenet
     from rwkvunet_jax.data.pipeline import train_iterator
-    from rwkvunet_jax.train.cli_config import parse_config_argv
     from rwkvunet_jax.train.loop import batch_fingerprint
 
-    config, _ = parse_config_argv([f"--config={REPO / 'configs/pretrain_imagenet.py'}:smoke"], prog="test")
+    config = load_config(f"{REPO / 'configs/pretrain_imagenet.py'}:smoke")
     source = imagenet.ImageFolderSource(workdir / "fake_imagefolder" / "train")
     aug = config.aug
     transform = imagenet.TrainTransform(config.data.image_size, randaugment=aug.randaugment,

@@ -82,11 +82,11 @@ def test_binary_losses_match_torch_and_numpy():
 def test_segmentation_loss_weights_and_dispatch():
     logits, labels = _random_case(6)
     total, parts = losses.segmentation_loss(logits, labels, ce_weight=0.2, dice_weight=0.8, ignore_index=None)
-    np.testing.assert_allclose(float(parts["dice"]), _np_official_dice(logits, labels), rtol=1e-5)
-    np.testing.assert_allclose(float(total), 0.2 * float(parts["ce"]) + 0.8 * float(parts["dice"]), rtol=1e-6)
+    np.testing.assert_allclose(float(parts["dice_loss"]), _np_official_dice(logits, labels), rtol=1e-5)
+    np.testing.assert_allclose(float(total), 0.2 * float(parts["ce"]) + 0.8 * float(parts["dice_loss"]), rtol=1e-6)
     binary_total, binary_parts = losses.segmentation_loss(logits[..., :1], labels % 2, ce_weight=0.5, dice_weight=1.0)
     np.testing.assert_allclose(float(binary_parts["ce"]), float(losses.binary_cross_entropy(logits[..., :1], labels % 2)))
-    np.testing.assert_allclose(float(binary_total), 0.5 * float(binary_parts["ce"]) + float(binary_parts["dice"]), rtol=1e-6)
+    np.testing.assert_allclose(float(binary_total), 0.5 * float(binary_parts["ce"]) + float(binary_parts["dice_loss"]), rtol=1e-6)
 
 
 def test_segmentation_loss_rejects_mismatched_shapes():

@@ -15,7 +15,7 @@ from rwkvunet_jax.models.summary import model_macs, param_count
 
 TINY = dict(depths=(1, 1, 2, 2), widths=(8, 16, 16, 32))
 
-# Used-parameter counts of the official PyTorch models (shared/reference/official-size-table.md).
+# Used-parameter counts of the official PyTorch models (docs/official-sizes.md).
 OFFICIAL_COUNTS = [
     ("rwkv_unet_t", 1, 3, 3_145_761),
     ("rwkv_unet_s", 9, 1, 9_702_145),
@@ -32,6 +32,12 @@ def test_parameter_counts_equal_official_used_parameters(name, num_classes, in_c
     assert param_count(model) == expected
 
 
+def _jaxpr(module, x) -> str:
+    """The jaxpr of ``module(x)``, as text (which primitives the layer uses)."""
+    graphdef, state = nnx.split(module)
+    return str(jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(state, x))
+
+
 def _abstract_output(model, shape):
     graphdef, state = nnx.split(model)
     return jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state,
@@ -39,15 +45,16 @@ def _abstract_output(model, shape):
 
 
 @pytest.mark.parametrize("name", rwkvunet_jax.list_models())
-@pytest.mark.parametrize("height,width", [(64, 64), (96, 64)])
-def test_output_shapes_every_model(name, height, width):
-    model = rwkvunet_jax.create_model(name, num_classes=5, in_chans=1)
-    out = _abstract_output(model, (2, height, width, 1))
-    if "encoder" in name:
-        assert out.shape == (2, 5)
-    else:
-        assert out.shape == (2, height, width, 5)
-    assert out.dtype == jnp.float32
+def test_output_shapes_every_model(name):
+    # One abstract model per name (no weights drawn), traced at a square and a non-square size.
+    model = nnx.eval_shape(lambda: rwkvunet_jax.create_model(name, num_classes=5, in_chans=1))
+    for height, width in [(64, 64), (96, 64)]:
+        out = _abstract_output(model, (2, height, width, 1))
+        if "encoder" in name:
+            assert out.shape == (2, 5)
+        else:
+            assert out.shape == (2, height, width, 5)
+        assert out.dtype == jnp.float32
 
 
 def test_real_forward_non_square_is_finite_and_eval_is_deterministic():
@@ -219,7 +226,7 @@ def test_stride_two_depthwise_padding_is_symmetric_like_pytorch():
     np.testing.assert_allclose(y, ref)
 
 
-# thop MACs of the official models (shared/reference/official-size-table.md), and the paper's FLOPs.
+# thop MACs of the official models (docs/official-sizes.md), and the paper's FLOPs.
 @pytest.mark.parametrize(
     "name,num_classes,in_chans,size,thop_gmacs,paper_gflops",
     [
@@ -251,14 +258,15 @@ def test_cpu_depthwise_path_equals_lax_conv(channels, kernel, stride, height, wi
     # function as lax's grouped convolution (the independent reference), values and both gradients, also for
     # odd sizes where the stride leaves rows of the padding unused.
     conv = layers.Conv2d(channels, channels, kernel, stride=stride, groups=channels, use_bias=True, rngs=nnx.Rngs(0))
-    assert conv._use_cpu_depthwise() == (jax.default_backend() == "cpu")
     x = jax.random.normal(jax.random.key(7), (2, height, width, channels))
+    # On CPU the layer does not call lax's convolution at all.
+    assert ("conv_general_dilated" not in _jaxpr(conv, x)) == (jax.default_backend() == "cpu")
 
     graphdef, state = nnx.split(conv)
 
     def loss(state, x, via_lax):
         module = nnx.merge(graphdef, state)
-        y = nnx.Conv.__call__(module, x) if via_lax else module._cpu_depthwise(x)
+        y = nnx.Conv.__call__(module, x) if via_lax else module(x)
         return jnp.sum(jnp.sin(3.0 * y))
 
     ours = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)(state, x, False)
@@ -283,13 +291,13 @@ def test_cpu_depthwise_bfloat16_accumulates_in_float32():
 
 def test_pointwise_conv_equals_lax_conv():
     conv = layers.Conv2d(6, 5, 1, use_bias=True, rngs=nnx.Rngs(0))
-    assert conv._is_pointwise()
     x = jax.random.normal(jax.random.key(3), (2, 8, 6, 6))
+    assert "conv_general_dilated" not in _jaxpr(conv, x) and "dot_general" in _jaxpr(conv, x)  # a matrix product
     graphdef, state = nnx.split(conv)
 
     def loss(state, via_lax):
         module = nnx.merge(graphdef, state)
-        y = nnx.Conv.__call__(module, x) if via_lax else module._pointwise(x)
+        y = nnx.Conv.__call__(module, x) if via_lax else module(x)
         return jnp.sum(jnp.cos(y))
 
     ours = jax.value_and_grad(loss)(state, False)

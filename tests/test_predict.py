@@ -10,6 +10,7 @@ from scipy.ndimage import zoom
 from rwkvunet_jax import checkpoint as ckpt
 from rwkvunet_jax.commands import predict
 from rwkvunet_jax.eval.inference import model_predict_fn
+from rwkvunet_jax.eval.predictor import read_image
 from rwkvunet_jax.models.registry import create_model
 
 NET = 32
@@ -107,3 +108,76 @@ def test_bad_inputs_fail_with_the_path(tmp_path, model_dir, capsys):
 def test_trained_image_size_comes_from_the_checkpoint_config():
     assert predict.trained_image_size({"config": {"data": {"image_size": [64, 96]}}}) == (64, 96)
     assert predict.trained_image_size({"model": {}}) == (224, 224)
+
+
+def _run(inputs, model_dir, outdir, *extra):
+    return predict.main([*map(str, inputs), "--checkpoint", str(model_dir), "--outdir", str(outdir),
+                         "--image-size", str(NET), str(NET), "--batch-size", str(BATCH), *extra])
+
+
+def test_sixteen_bit_and_float_images_keep_their_full_range(tmp_path, model_dir, reference, capsys):
+    raw = (_smooth((40, 36), 11) * 60000 + 2000).astype(np.uint16)  # far beyond 255: convert("L") clips it
+    Image.fromarray(raw).save(tmp_path / "grey16.png")  # Pillow mode I;16
+    Image.fromarray(raw.astype(np.int32)).save(tmp_path / "grey32.tif")  # mode I
+    unit = _smooth((24, 28), 12).astype(np.float32)
+    Image.fromarray(unit).save(tmp_path / "unit.tif")  # mode F in [0, 1]
+    assert [Image.open(tmp_path / n).mode for n in ("grey16.png", "grey32.tif", "unit.tif")] == ["I;16", "I", "F"]
+    # What the network is given: the stored values over the type's range (a random model's masks can be
+    # blind to the input, so the reader is checked on its own too).
+    for name in ("grey16.png", "grey32.tif"):
+        np.testing.assert_allclose(read_image(tmp_path / name, 1)[..., 0], raw / 65535.0, rtol=0, atol=1e-7)
+    np.testing.assert_array_equal(read_image(tmp_path / "unit.tif", 3), unit[..., None])  # grey: one channel
+    out = tmp_path / "out"
+    assert _run([tmp_path / n for n in ("grey16.png", "grey32.tif", "unit.tif")], model_dir, out) == 0
+    expected = reference(raw / 65535.0, order=1)
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "grey16_mask.png")), expected)
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "grey32_mask.png")), expected)
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "unit_mask.png")), reference(unit, order=1))
+    assert "warning" not in capsys.readouterr().err
+
+    # --window acts on the stored 16-bit values.
+    assert _run([tmp_path / "grey16.png"], model_dir, tmp_path / "w", "--window", "10000", "50000") == 0
+    windowed = (np.clip(raw.astype(np.float64), 10000, 50000) - 10000) / 40000
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "w" / "grey16_mask.png")),
+                                  reference(windowed, order=1))
+
+
+def test_images_without_a_usable_range_are_refused_or_flagged(tmp_path, model_dir, capsys):
+    Image.fromarray((_smooth((20, 20), 13) * 500 - 100).astype(np.float32)).save(tmp_path / "hu.tif")
+    assert _run([tmp_path / "hu.tif"], model_dir, tmp_path / "o") == 2
+    err = capsys.readouterr().err
+    assert "hu.tif" in err and "no natural intensity range" in err and "--window" in err
+
+    Image.fromarray((_smooth((20, 20), 14) * 4095).astype(np.uint16)).save(tmp_path / "twelve_bit.png")
+    Image.fromarray(np.full((20, 20), 7, np.uint8)).save(tmp_path / "flat.png")
+    assert _run([tmp_path / "twelve_bit.png", tmp_path / "flat.png"], model_dir, tmp_path / "o") == 0
+    err = capsys.readouterr().err
+    assert "twelve_bit.png: a 16-bit image with values in [" in err and "--window" in err
+    assert "flat.png: every value is 0.0274" in err and "constant" in err
+    assert (tmp_path / "o" / "flat_mask.png").is_file()  # written, but not silently
+
+
+def test_nifti_with_trailing_singleton_axes_is_squeezed_and_4d_refused(tmp_path, model_dir, reference, capsys):
+    nib = pytest.importorskip("nibabel")
+    volume = np.stack([_smooth((30, 26), 20 + k) for k in range(3)], -1).astype(np.float32)
+    affine = np.diag([0.7, 0.7, 3.0, 1.0])
+    affine[:3, 3] = [-5, 12, 40]
+    for name, shape in (("x4", volume.shape + (1,)), ("x5", volume.shape + (1, 1))):
+        img = nib.Nifti1Image(volume.reshape(shape), affine)
+        img.header.set_xyzt_units("mm", "sec")
+        nib.save(img, str(tmp_path / f"{name}.nii.gz"))
+    nib.save(nib.Nifti1Image(np.stack([volume, volume], -1), affine), str(tmp_path / "t2.nii.gz"))
+
+    assert _run([tmp_path / "x4.nii.gz", tmp_path / "x5.nii.gz"], model_dir, tmp_path / "o") == 0
+    for name, shape in (("x4", volume.shape + (1,)), ("x5", volume.shape + (1, 1))):
+        out = nib.load(str(tmp_path / "o" / f"{name}_mask.nii.gz"))
+        assert out.shape == shape and out.get_data_dtype() == np.uint8
+        np.testing.assert_allclose(out.affine, affine)
+        assert out.header.get_xyzt_units() == ("mm", "sec")
+        labels = np.asarray(out.dataobj).reshape(volume.shape)
+        for k in range(volume.shape[-1]):
+            np.testing.assert_array_equal(labels[..., k], reference(volume[..., k], order=3))
+
+    assert _run([tmp_path / "t2.nii.gz"], model_dir, tmp_path / "o") == 2
+    err = capsys.readouterr().err
+    assert "t2.nii.gz has shape (30, 26, 3, 2)" in err and "3-D volumes" in err

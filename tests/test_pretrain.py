@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -117,7 +118,10 @@ def test_weight_decay_skips_vectors_and_config_scales_lr_linearly():
 
 
 def test_command_rejects_bad_arguments_with_status_2(capsys):
-    from rwkvunet_jax.commands.pretrain import main
+    from rwkvunet_jax.cli import main as cli_main
+
+    def main(argv):
+        return cli_main(["pretrain", *argv])
 
     config = f"{REPO / 'configs' / 'pretrain_imagenet.py'}:smoke"
     assert main(["--config", config]) == 2
@@ -197,3 +201,37 @@ def test_sigterm_saves_and_resume_continues_bit_exactly(tmp_path, compile_cache)
         np.asarray(model_state(seg)["encoder"]["stage4"][1]["att"]["key"]["kernel"]),
         np.asarray(model_state(encoder)["stage4"][1]["att"]["key"]["kernel"]))
     shutil.rmtree(shared_data)
+
+
+def test_unreadable_images_stop_the_run_after_saving_the_last_step(tmp_path, compile_cache):
+    from rwkvunet_jax.data import imagenet
+    from rwkvunet_jax.data.bad_examples import BadFractionError
+    from rwkvunet_jax.data.pipeline import train_iterator
+    from rwkvunet_jax.train.metric_writer import read_metrics
+    from rwkvunet_jax.train.pretrain import train_and_evaluate
+
+    config = _smoke(4)
+    config.data.root = str(tmp_path / "data")
+    config.data.max_bad_fraction = 0.2
+    config.data.bad_fraction_min_examples = 16
+    data = config.data
+    imagenet.write_fake_imagefolder(data.root, num_classes=data.fake_classes, train_per_class=data.fake_train_per_class,
+                                    val_per_class=data.fake_val_per_class, seed=config.seed)
+    for path in sorted((tmp_path / "data" / "train").rglob("*.jpg"))[::2]:
+        path.write_bytes(path.read_bytes()[:40])  # truncated JPEGs: half the training set
+    workdir = tmp_path / "run"
+    with pytest.raises(BadFractionError, match=r"of 16 training examples .*max_bad_fraction=0.2; e\.g\. .*\.jpg"):
+        train_and_evaluate(config, workdir)
+    # Step 1 ran, then the count over its batch stopped the run: step 1 was saved first, with the data
+    # position after one batch, and the count is in the metrics.
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [1]
+    assert [r["data/bad_examples"] for r in read_metrics(workdir) if "data/bad_examples" in r][-1] >= 4
+    saved = json.loads((workdir / "checkpoints" / "1" / "data" / "process_0-of-1.json").read_text())
+    source = imagenet.ImageFolderSource(tmp_path / "data" / "train")
+    aug = config.aug
+    transform = imagenet.TrainTransform(data.image_size, randaugment=aug.randaugment or None,
+                                        color_jitter=aug.color_jitter, hflip=aug.hflip, scale=tuple(aug.scale),
+                                        ratio=tuple(aug.ratio), interpolation=aug.interpolation)
+    fresh = train_iterator(source, transform, batch_size=config.batch_size, seed=config.seed)
+    next(fresh)
+    assert saved == json.loads(json.dumps(fresh.get_state()))

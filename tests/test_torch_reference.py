@@ -38,38 +38,39 @@ def _loop_wkv(w, u, k, v, variant):
             for t in range(tokens):
                 s = n * (t // n)
                 num = den = 0.0
-                exps = []
                 for m in range(tokens):
                     km = float(k[b, m, c])
                     if variant == "paper":
                         f = math.exp(uc) if m == t else math.exp(-(abs(t - m) - 1) * wc)
                     elif m < s:
                         f = math.exp(-wc * (t - m))
-                        exps.append(km - wc * (t - m))
                     elif m == s < t:
                         f = math.exp(-wc * (t - m - 1))
-                        exps.append(km - wc * (t - m - 1))
                     elif s < m < t:
                         f = math.exp(-wc * (t - m - 1)) + (1 - math.exp(wc)) * math.exp(wc * (t - m))
-                        exps += [km - wc * (t - m - 1), km + wc * (t - m)]
                     elif m == t:
                         f = math.exp(uc) + (t > s) * (1 - math.exp(wc))
-                        exps += [uc + km] + ([km] if t > s else [])
                     else:
                         f = math.exp(-wc * (m - t))
-                        exps.append(km - wc * (m - t))
                     num += math.exp(km) * f * float(v[b, m, c])
                     den += math.exp(km) * f
                 if variant == "official":
+                    # The kernel's running maximum o_t = max(o1, o2, u + k_t), set by set.
+                    kc = [float(x) for x in k[b, :, c]]
+                    exps = [uc + kc[t]]
+                    exps += [kc[m] - wc * (t - m) for m in range(s)]  # o2
+                    exps += [kc[m] - wc * (t - 1 - m) for m in range(s, t)]
+                    exps += [kc[m] - wc * (m - s) + wc * (t - s) for m in range(s, tokens)]  # o1
+                    exps += [kc[m] + wc * (t - m + 1) for m in range(s + 1, t + 1)]
                     den += 1e-6 * math.exp(max(exps))
                 y[b, t, c] = num / den
     return y
 
 
-def _inputs(tokens, channels=3, batch=2, decay_scale=4.0, seed=0):
+def _inputs(tokens, channels=3, batch=2, decay_scale=4.0, seed=0, bonus=None):
     rng = np.random.default_rng(seed)
     w = rng.normal(0, decay_scale, channels) / tokens
-    u = rng.normal(0, 2.0, channels) / tokens * 4
+    u = rng.normal(0, 2.0, channels) / tokens * 4 if bonus is None else np.full(channels, float(bonus))
     k = rng.normal(0, 1.5, (batch, tokens, channels))
     v = rng.normal(0, 1.0, (batch, tokens, channels))
     return [torch.tensor(a, dtype=torch.float64) for a in (w, u, k, v)]
@@ -82,6 +83,15 @@ def test_wkv_matches_the_tables_term_by_term(variant, tokens):
     expected = _loop_wkv(w.numpy(), u.numpy(), k.numpy(), v.numpy(), variant)
     np.testing.assert_allclose(bi_wkv_dense(w, u, k, v, variant=variant).numpy(), expected, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(bi_wkv(w, u, k, v, variant=variant).numpy(), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 31, 32, 33])
+def test_wkv_official_eps_scale_with_negative_bonus(tokens):
+    # u << 0 with large decays: the EPS term, scaled by the kernel's running maximum, is far from 1e-6 relative.
+    w, u, k, v = _inputs(tokens, channels=3, decay_scale=3.0 * tokens, seed=tokens, bonus=-9.0)
+    expected = _loop_wkv(w.numpy(), u.numpy(), k.numpy(), v.numpy(), "official")
+    np.testing.assert_allclose(bi_wkv_dense(w, u, k, v).numpy(), expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(bi_wkv(w, u, k, v).numpy(), expected, rtol=1e-10, atol=1e-12)
 
 
 def test_wkv_variants_differ_and_fast_form_survives_large_exponents():

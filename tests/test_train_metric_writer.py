@@ -62,12 +62,37 @@ def test_progress_plot_and_overlays_are_images(tmp_path):
     untouched = report.to_display_rgb(image)
     np.testing.assert_array_equal(overlay[label == 0], untouched[label == 0])
     assert np.abs(overlay[label == 2].astype(int) - untouched[label == 2]).max() > 0
-    saved = report.save_overlay_png(tmp_path / "o.png", image, label, label, min_height=1)
-    assert Image.open(saved).size == (3 * 10 + 2 * 4, 12)
-    enlarged = report.save_overlay_png(tmp_path / "big.png", image, label, min_height=30)  # 12 rows -> x3
-    assert Image.open(enlarged).size == (2 * 30 + 4, 36)
+    saved = np.asarray(Image.open(report.save_overlay_png(tmp_path / "o.png", image, label, label, min_height=1,
+                                                          class_names=("background", "a", "b"), title="case 7")))
+    assert saved.shape[1] == 3 * 10 + 2 * 4  # three panels and two gaps, side by side
+    top = _find_block(saved, untouched, x=0)  # the image panel lies below the title and the panel names
+    assert top > 0 and saved.shape[0] > top + 12  # ... and above the legend
+    np.testing.assert_array_equal(saved[top:top + 12, 14:24], overlay)  # ground truth panel
+    legend = saved[top + 12:].reshape(-1, 3)
+    for c in (1, 2):  # a legend entry in each class's colour
+        assert (legend == report.PALETTE[c]).all(axis=1).any(), c
+    assert (saved[:top] != 255).any()  # text above the panels
+    enlarged = np.asarray(Image.open(report.save_overlay_png(tmp_path / "big.png", image, label, min_height=30)))
+    assert enlarged.shape[1] == 2 * 30 + 4  # 12 rows -> x3, two panels
+    assert _find_block(enlarged, np.repeat(np.repeat(untouched, 3, axis=0), 3, axis=1), x=0) > 0
     with pytest.raises(ValueError, match="does not match"):
         report.overlay(image, label[:5])
+
+
+def _find_block(canvas: np.ndarray, block: np.ndarray, *, x: int) -> int:
+    """The row where ``block`` appears in ``canvas`` at column ``x`` (-1 if nowhere)."""
+    h, w = block.shape[:2]
+    for y in range(canvas.shape[0] - h + 1):
+        if np.array_equal(canvas[y:y + h, x:x + w], block):
+            return y
+    return -1
+
+
+def test_class_colours_skip_the_background_when_they_wrap():
+    classes = np.arange(0, 2 * len(report.PALETTE))
+    index = report.palette_index(classes)
+    assert index[0] == 0 and (index[1:] > 0).all()
+    assert index[len(report.PALETTE)] == index[1]  # class 12 takes class 1's colour, never the background's
 
 
 def test_write_metrics_json_and_csv(tmp_path):

@@ -45,14 +45,16 @@ def reference_row(w, u, k, v, t, variant):
     ]
     f = np.select([np.broadcast_to(c, (num_tokens, w.size)) for c, _ in cases], [val for _, val in cases])
     weights = ek * f
-    # o_t: the largest exponent, over the sets listed in the brief (coefficients 1 - e^w kept outside).
+    # o_t: the CUDA kernel's running maximum when it writes y_t (fact sheet 2.2), term by term:
+    # o_t = max(o1_t, o2_t, u + k_t),
+    # o2_t = max(max_{m<s} k_m - w(t-m), max_{s<=m<t} k_m - w(t-1-m)),
+    # o1_t = max(max_{m>=s} k_m - w(m-s) + w(t-s), max_{s<m<=t} k_m + w(t-m+1)).
     sets = [
         (m < s, k - w * (t - m)),
-        ((s <= m) & (m < t), k - w * (t - m - 1)),
-        ((s < m) & (m < t), k + w * (t - m)),
+        ((s <= m) & (m < t), k - w * (t - 1 - m)),
+        (m >= s, k - w * (m - s) + w * (t - s)),
+        ((s < m) & (m <= t), k + w * (t - m + 1)),
         (m == t, u + k),
-        ((m == t) & (t > s), k),
-        (m > t, k - w * (m - t)),
     ]
     o = np.max([np.where(mask, e, -np.inf).max(axis=1) for mask, e in sets], axis=0)
     return (weights * v).sum(1) / (weights.sum(1) + 1e-6 * np.exp(o))
@@ -107,6 +109,37 @@ def test_float64_is_exact(impl, variant):
             y = bi_wkv(w, u, k, v, impl=impl, variant=variant)
             assert y.dtype == jnp.float64
             close(y, reference(w, u, k, v, variant), rtol=1e-10, atol_frac=1e-12)
+
+
+@pytest.mark.parametrize("impl", ["naive", "scan"])
+def test_official_eps_scale_single_token(impl):
+    # T = 1: the kernel's running maximum is max(k, u + k), so y = v / (1 + EPS e^{-u}) for u < 0
+    # (a 2% shrink at u = -10), and y = v / (1 + EPS) for u >= 0.
+    u = np.array([-4.73, -10.0, -20.0, 0.5], np.float32)
+    w = np.array([0.3, -0.2, 1.5, 0.0], np.float32)
+    k = np.array([[[3.0, -2.0, 0.5, 1.0]]], np.float32)
+    v = np.array([[[1.0, -2.0, 0.5, 3.0]]], np.float32)
+    expected = v / (1.0 + 1e-6 * np.exp(-np.minimum(u, 0.0)))
+    y = bi_wkv(w, u, k, v, impl=impl, variant="official")
+    np.testing.assert_allclose(np.asarray(y), expected, rtol=2e-6)
+
+
+@pytest.mark.parametrize("impl", ["naive", "scan"])
+@pytest.mark.parametrize("tokens", [1, 2, 31, 32, 33])
+def test_official_eps_scale_with_negative_bonus(impl, tokens):
+    # u << 0 and large decays make the diagonal and a few neighbours the whole denominator while o_t also
+    # counts tokens the kernel has subtracted already (chunk starts; every token for T <= 32), so the EPS term
+    # is far from 1e-6 relative. float64, so that only the formula can differ.
+    rng = np.random.default_rng(tokens)
+    channels = 6
+    w = np.array([0.0, 2.0, 5.0, -0.5, 0.3, 8.0])
+    u = np.array([-4.73, -10.0, -15.0, -8.0, -20.0, -12.0])
+    k = rng.normal(size=(2, tokens, channels))
+    v = rng.normal(size=(2, tokens, channels))
+    expected = reference(w, u, k, v, "official")
+    with jax.enable_x64(True):
+        y = bi_wkv(w, u, k, v, impl=impl, variant="official")
+    close(y, expected, rtol=1e-10, atol_frac=1e-12)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -9,7 +9,8 @@ PyTorch -> Orbax (a full official checkpoint, or an ImageNet encoder into a segm
     rwkvunet convert --from synapse_b.pth --to ckpt/b --model rwkv_unet_b --in-chans 1
     rwkvunet convert --from net_B.pth --to ckpt/b_init --model rwkv_unet_b --num-classes 9 --in-chans 1 --encoder-only
 
-The written file loads into the official classes or ``rwkvunet_jax.torch_reference`` with
+An existing --to is never replaced unless ``--overwrite`` is given (files only: a checkpoint directory
+is never deleted). The written file loads into the official classes or ``rwkvunet_jax.torch_reference`` with
 ``load_state_dict(strict=True)``; the written checkpoint into ``rwkvunet_jax.checkpoint.load_model``
 and every command that takes a checkpoint.
 """
@@ -20,15 +21,17 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from rwkvunet_jax.commands.parsing import CommandError, command_parser
+
 ORBAX_HINT = "an Orbax model checkpoint directory (written by finetune/pretrain/convert)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     from rwkvunet_jax.models.registry import list_models
 
-    parser = argparse.ArgumentParser(
-        prog="rwkvunet convert",
-        description="Convert between Orbax model checkpoints and official PyTorch state_dict files "
+    parser = command_parser(
+        "rwkvunet convert",
+        "Convert between Orbax model checkpoints and official PyTorch state_dict files "
         "(.pth/.pt, .safetensors, .npz). The direction follows from --from: a directory is read as an "
         "Orbax checkpoint and written as a file; a file is read as a state_dict and written as a checkpoint.",
     )
@@ -51,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--non-strict", action="store_true",
                         help="load what matches and report missing/unexpected tensors instead of failing")
     parser.add_argument("--seed", type=int, default=0, help="initialisation seed of tensors not in the file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --to file (Orbax -> file)")
     parser.add_argument("--verbose", action="store_true", help="list every skipped/missing tensor")
     return parser
 
@@ -99,6 +103,11 @@ def orbax_to_torch(args: argparse.Namespace) -> int:
     from rwkvunet_jax.checkpoint import load_model
     from rwkvunet_jax.convert import export_torch_state_dict, official_layout, write_state_dict
 
+    target = Path(args.target)
+    if target.is_dir():
+        raise CommandError(f"--to {target} is a directory; name the file to write, e.g. {target / 'model.pth'}")
+    if target.exists() and not args.overwrite:
+        raise CommandError(f"{target} already exists; pass --overwrite to replace it, or choose another --to")
     model = load_model(args.source)
     spec = model.spec
     state_dict = export_torch_state_dict(model)
@@ -123,14 +132,15 @@ def torch_to_orbax(args: argparse.Namespace) -> int:
     from rwkvunet_jax.models.registry import create_model
 
     if args.model is None:
-        raise SystemExit("rwkvunet convert: --model is required to convert a state_dict file into a checkpoint")
+        raise CommandError("--model is required to convert a state_dict file into a checkpoint")
     target = Path(args.target)
     if target.exists():
-        raise SystemExit(f"rwkvunet convert: {target} already exists; choose a new checkpoint directory")
+        raise CommandError(f"{target} already exists; choose a new checkpoint directory (checkpoints are "
+                           "never overwritten)")
     state_dict = unwrap_state_dict(read_state_dict(args.source))
     num_classes = args.num_classes or (None if args.encoder_only else _infer_num_classes(state_dict, args.model))
     if num_classes is None:
-        raise SystemExit("rwkvunet convert: pass --num-classes (the file does not tell: "
+        raise CommandError("pass --num-classes (the file does not tell: "
                          f"{'an encoder file' if args.encoder_only else 'no final_conv/head bias'})")
     in_chans = args.in_chans or _infer_in_chans(state_dict, args.model)
     overrides = dict(parse_override(text) for text in args.override)
@@ -157,10 +167,10 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     source = Path(args.source)
     if not source.exists():
-        raise SystemExit(f"rwkvunet convert: --from path does not exist: {source}")
+        raise CommandError(f"--from path does not exist: {source}")
     try:
         if source.is_dir():
             return orbax_to_torch(args)
         return torch_to_orbax(args)
     except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"rwkvunet convert: {err}") from err
+        raise CommandError(str(err)) from err

@@ -5,27 +5,29 @@
 
 Writes into WORKDIR: data/ (the phantom dataset), checkpoints/ and checkpoints_best/ (Orbax), metrics.json
 (mean Dice and HD95 over the foreground classes of the held-out test images, per class and per image),
-eval/ (metrics.csv, overlays/), progress.png, metrics.jsonl/.csv, tensorboard/, and
+eval_test/ (metrics.csv, overlays/), progress.png, metrics.jsonl/.csv, tensorboard/, and
 export/rwkv_unet_t.pth (the official PyTorch state_dict layout) when torch is installed.
-Rerunning the same command resumes an interrupted demo.
+Rerunning the same command resumes an interrupted demo (SIGTERM saves a checkpoint first and exits
+with 75); a WORKDIR holding a demo with other settings is refused (use a new WORKDIR to start afresh).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-CONFIG_FILE = Path(__file__).resolve().parents[2] / "configs" / "demo.py"
+from rwkvunet_jax.commands.parsing import CommandError, add_config_argument, command_parser, parse_config_command
+from rwkvunet_jax.train import PREEMPTED_EXIT_CODE  # the package's __init__ imports nothing (no JAX)
+
+DEFAULT_CONFIG = "configs/demo.py"  # the project's own when run elsewhere (commands/parsing.py)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rwkvunet demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", required=True, help="output folder")
-    parser.add_argument("--config", default=str(CONFIG_FILE), help="demo config file (default: configs/demo.py)")
+def build_parser():
+    parser = command_parser("rwkvunet demo", __doc__)
+    parser.add_argument("--workdir", help="output folder (required)")
+    add_config_argument(parser, DEFAULT_CONFIG, default=DEFAULT_CONFIG)
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
     parser.add_argument("--num-train", type=int, default=None, help="phantom training images")
     parser.add_argument("--num-val", type=int, default=None, help="phantom validation images")
@@ -38,18 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_demo_config(path: str | Path, args: argparse.Namespace):
+def apply_demo_settings(config, args: argparse.Namespace):
     """The demo config with the command-line settings applied (steps and intervals scale together)."""
-    from rwkvunet_jax.train.cli_config import parse_config_argv
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"demo config not found: {path} (run from a source checkout or pass --config)")
-    config, _ = parse_config_argv([f"--config={path}"], prog="rwkvunet demo")
     with config.unlocked():
         if args.steps is not None:
             if args.steps < 1:
-                raise ValueError(f"--steps must be >= 1, got {args.steps}")
+                raise CommandError(f"--steps must be >= 1, got {args.steps}")
             config.total_steps = args.steps
             config.optim.warmup_steps = min(config.optim.warmup_steps, args.steps // 4)
             config.eval.every_steps = min(config.eval.every_steps, args.steps)
@@ -68,7 +64,39 @@ def load_demo_config(path: str | Path, args: argparse.Namespace):
         config.data.image_size = tuple(config.phantom.image_size)
         config.model.num_classes = config.phantom.num_classes
         config.eval.batch_size = min(config.eval.batch_size, config.phantom.num_test, config.phantom.num_val)
+    if config.data.image_size[0] % 16:
+        raise CommandError(f"--image-size must be a multiple of 16, got {config.data.image_size[0]}")
     return config
+
+
+def check_same_run(workdir: Path, config) -> None:
+    """Refuse a WORKDIR that holds a demo run made with other settings (resuming it would mix the two)."""
+    saved_file = workdir / "config.json"
+    if not saved_file.is_file():
+        return
+    saved = _flatten(json.loads(saved_file.read_text()))
+    wanted = _flatten(json.loads(config.to_json()))
+    differ = [k for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
+    if differ:
+        shown = ", ".join(f"{k} {_show(saved.get(k))} -> {_show(wanted.get(k))}" for k in differ[:6])
+        more = f" and {len(differ) - 6} more" if len(differ) > 6 else ""
+        raise CommandError(
+            f"{workdir} holds a demo run made with other settings ({shown}{more}); rerun with the settings it was "
+            f"made with to resume it, or pass a new --workdir (or delete {workdir}) to start afresh")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _show(value) -> str:
+    return "(none)" if value is None else json.dumps(value)
 
 
 def prepare_data(root: Path, phantom) -> Path:
@@ -97,29 +125,32 @@ def export_torch(workdir: Path) -> Path | str:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    config, args = parse_config_command(build_parser(), argv, example=DEFAULT_CONFIG, required=["workdir"])
     start = time.perf_counter()
     workdir = Path(args.workdir).absolute()
+    config = apply_demo_settings(config, args)
+    with config.unlocked():
+        config.data.root = str(workdir / "data")
+    check_same_run(workdir, config)
     try:
-        config = load_demo_config(args.config, args)
-        if config.data.image_size[0] % 16:
-            raise ValueError(f"--image-size must be a multiple of 16, got {config.data.image_size[0]}")
         workdir.mkdir(parents=True, exist_ok=True)
         root = prepare_data(workdir / "data", config.phantom)
-        with config.unlocked():
-            config.data.root = str(root)
     except (FileNotFoundError, ValueError) as err:
-        print(f"rwkvunet demo: {err}", file=sys.stderr)
-        return 2
+        raise CommandError(str(err)) from err
     print(f"phantom dataset: {root} ({config.phantom.num_train} train / {config.phantom.num_val} val / "
           f"{config.phantom.num_test} test images, {config.phantom.image_size[0]}x{config.phantom.image_size[1]}, "
           f"{config.phantom.num_classes - 1} organs)")
 
+    from rwkvunet_jax.eval.evaluate import eval_dir
     from rwkvunet_jax.train.finetune import train_and_evaluate
 
     summary = train_and_evaluate(config, workdir, progress=not args.no_progress)
+    if summary["preempted"]:  # SIGTERM: a checkpoint was saved; the same command resumes
+        print(f"preempted: checkpoint at step {summary['step']} in {workdir}; rerun to continue")
+        return PREEMPTED_EXIT_CODE
     metrics = summary["metrics"]
-    (workdir / "metrics.json").write_text((workdir / "eval" / "metrics.json").read_text())
+    test_dir = eval_dir(workdir, config.data.test_split)
+    (workdir / "metrics.json").write_text((test_dir / "metrics.json").read_text())
     export = "skipped (--no-export)" if args.no_export else export_torch(workdir)
     minutes = (time.perf_counter() - start) / 60
     per_class = ", ".join(f"{k} {v['dice']:.3f}" for k, v in metrics["per_class"].items())
@@ -128,8 +159,8 @@ def main(argv: list[str]) -> int:
         f"RWKV-UNet-T demo finished in {minutes:.1f} min ({summary['step']} steps)",
         f"held-out mean Dice {metrics['mean_dice']:.4f} ({per_class}); mean HD95 {metrics['mean_hd95']:.2f} px",
         f"  metrics        {workdir / 'metrics.json'}",
-        f"  per image      {workdir / 'eval' / 'metrics.csv'}",
-        f"  overlays       {workdir / 'eval' / 'overlays'}",
+        f"  per image      {test_dir / 'metrics.csv'}",
+        f"  overlays       {test_dir / 'overlays'} (worst, median and best test images)",
         f"  progress plot  {workdir / 'progress.png'}",
         f"  checkpoints    {workdir / 'checkpoints'} (best: {workdir / 'checkpoints_best'})",
         f"  logs           {workdir / 'metrics.jsonl'}, {workdir / 'tensorboard'}",

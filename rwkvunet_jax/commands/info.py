@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
+from rwkvunet_jax.commands.parsing import CommandError, command_parser
 from rwkvunet_jax.models.registry import create_model, list_models
 from rwkvunet_jax.models.summary import OFFICIAL_USED_PARAMS, model_macs, paper_figures, param_count
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="rwkvunet info",
-        description="Parameters (trainable, used by the forward pass) and FLOPs (multiply-accumulates of convs, "
+def build_parser():
+    parser = command_parser(
+        "rwkvunet info",
+        "Parameters (trainable, used by the forward pass) and FLOPs (multiply-accumulates of convs, "
         "linears, norms and resizes, one image, as the paper counts them) of a model.",
     )
     parser.add_argument("--model", required=True, choices=list_models())
@@ -29,9 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if len(args.img_size) > 2:
-        raise SystemExit("rwkvunet info: --img-size takes H or H W")
+        raise CommandError("--img-size takes H or H W")
     height = args.img_size[0]
     width = args.img_size[-1]
+    if height <= 0 or width <= 0 or height % 16 or width % 16:
+        raise CommandError(f"--img-size must be positive multiples of 16, got {' '.join(map(str, args.img_size))}")
+    for flag, value in (("--num-classes", args.num_classes), ("--in-chans", args.in_chans)):
+        if value is not None and value < 1:
+            raise CommandError(f"{flag} must be positive, got {value}")
     is_encoder = args.model.startswith("rwkv_unet_encoder")
     num_classes = args.num_classes or (1000 if is_encoder else 9)
     in_chans = args.in_chans or (3 if is_encoder or args.model == "rwkv_unet_t" else 1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -55,12 +56,42 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             with np.load(path, allow_pickle=False) as data:
                 obj = {key: data[key] for key in data.files}
     except Exception as err:  # noqa: BLE001 - unpickling and format errors come in many types
+        if suffix in TORCH_SUFFIXES:
+            raise ValueError(_unreadable_torch_file(path, err)) from err
         raise ValueError(f"could not read state_dict file {path}: {type(err).__name__}: {err}") from err
     try:
         flat = unwrap_state_dict(obj)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from err
     return {key: to_numpy(value) for key, value in flat.items()}
+
+
+# The first bytes of file types people pass by mistake.
+_MAGIC = ((b"\x93NUMPY", "a NumPy .npy array"), (b"\x89HDF", "an HDF5 file"), (b"\x89PNG", "a PNG image"),
+          (b"\xff\xd8\xff", "a JPEG image"), (b"PK\x03\x04", "a zip archive"), (b"\x80", "a Python pickle"))
+
+
+def _unreadable_torch_file(path: Path, err: Exception) -> str:
+    """One line on why ``torch.load(weights_only=True)`` refused ``path``: what the file is, what is expected."""
+    expected = "expected what torch.save(model.state_dict(), path) writes (a dict of tensors), or .safetensors/.npz"
+    pickled = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+    if pickled:
+        return (f"{path} holds a pickled {pickled.group(1)} object, not a state_dict of tensors; save "
+                f"model.state_dict() instead (files are read with weights_only=True, which runs no pickled code)")
+    with open(path, "rb") as f:
+        head = f.read(64)
+    kind = next((name for magic, name in _MAGIC if head.startswith(magic)), None)
+    if kind is None:
+        try:
+            head.decode("utf-8")
+            kind = "text" if head else "empty"
+        except UnicodeDecodeError:
+            kind = "binary data of an unknown format"
+    if kind in ("a zip archive", "a Python pickle"):  # torch's own formats: say what torch could not take
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = next((line for line in lines if "WeightsUnpickler error" in line), lines[0] if lines else "")
+        return f"could not read {path} ({kind}) as a state_dict: {type(err).__name__}: {reason}; {expected}"
+    return f"{path} is not a PyTorch checkpoint: it holds {kind}; {expected}"
 
 
 def _read_safetensors(path: Path) -> dict[str, Any]:

@@ -69,11 +69,12 @@ def as_label(array: np.ndarray) -> np.ndarray:
 
 
 def read_npz_slice(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(image float32 (H, W), label int32 (H, W)) from a TransUNet ``.npz`` slice."""
-    with np.load(path) as data:
-        if "image" not in data or "label" not in data:
-            raise ValueError(f"{path}: expected arrays 'image' and 'label', found {sorted(data.files)}")
-        return np.asarray(data["image"], np.float32), as_label(data["label"])
+    """(image float32 (H, W), label int32 (H, W)) from a TransUNet ``.npz`` slice (safe in many reader
+    threads at once, unlike ``np.load``: see :mod:`rwkvunet_jax.data.npyio`)."""
+    from rwkvunet_jax.data.npyio import read_npz
+
+    arrays = read_npz(path, ("image", "label"))
+    return np.asarray(arrays["image"], np.float32), as_label(arrays["label"])
 
 
 def read_h5(path: Path, index: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -104,12 +105,11 @@ def h5_depth(path: Path) -> int:
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    """An image file as float32 (H, W, 3) in [0, 1]; grey images are repeated to three channels."""
-    from PIL import Image
+    """An image file as float32 (H, W, 3) in [0, 1]; any mode (grey, palette, alpha, CMYK, 16-bit grey)
+    becomes RGB as :mod:`rwkvunet_jax.data.decode` describes."""
+    from rwkvunet_jax.data.decode import read_rgb8
 
-    with Image.open(path) as img:
-        array = np.asarray(img.convert("RGB"))
-    return array.astype(np.float32) / 255.0
+    return read_rgb8(path).astype(np.float32) / 255.0
 
 
 def read_mask(path: Path) -> np.ndarray:
@@ -182,6 +182,10 @@ class SliceSource(abc.ABC):
     def __iter__(self):
         return (self[i] for i in range(len(self)))
 
+    def describe(self, index: int) -> str:
+        """Example ``index``'s id and where it is stored (for logs of bad examples)."""
+        return self.ids[index]
+
     def __repr__(self) -> str:
         seed = "" if self.split_seed is None else f", split_seed={self.split_seed}"
         return (f"{type(self).__name__}(dataset={self.dataset!r}, root={str(self.root)!r}, "
@@ -204,6 +208,9 @@ class FileSliceSource(SliceSource):
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         return type(self).read(self.files[index])
+
+    def describe(self, index: int) -> str:
+        return str(self.files[index])
 
 
 class NpzSliceSource(FileSliceSource):
@@ -234,6 +241,10 @@ class VolumeSliceSource(SliceSource):
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         volume, z = self.index[index]
         return read_h5(self.volumes.files[volume], z)
+
+    def describe(self, index: int) -> str:
+        volume, z = self.index[index]
+        return f"{self.volumes.files[volume]} slice {z}"
 
 
 class H5Volumes(Sequence):

@@ -199,6 +199,10 @@ class FolderSource(SliceSource):
             label |= binarize_mask(mask, self.mask_rule)
         return image, label
 
+    def describe(self, index: int) -> str:
+        pair = self.pairs[index]
+        return f"{pair.image} (masks {', '.join(str(m) for m in pair.masks)})"
+
 
 def folder_source(dataset: str, root: str | Path, split: str, *, split_seed: int = 0,
                   fractions: Sequence[float] = (0.8, 0.1, 0.1), val_fraction: float = 0.1,

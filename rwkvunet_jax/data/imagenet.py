@@ -10,8 +10,11 @@ Sources (random access, picklable, yield ``{"image": uint8 (H, W, 3), "label": i
 Training batches come from the one grain builder, :func:`rwkvunet_jax.data.pipeline.train_iterator`,
 with :class:`TrainTransform` per image and optionally :class:`~rwkvunet_jax.data.mixup.MixupCutmix` per
 batch: every host reads only its own share, and the global batch at step k is the same examples with the
-same augmentation however many hosts there are. Images stay uint8 (the trainer normalises them on the
-device with :data:`IMAGENET_MEAN` and :data:`IMAGENET_STD`), which keeps host-to-device traffic small.
+same augmentation however many hosts there are. A file that fails to decode or augment is logged and
+replaced by an example chosen from its index alone (:mod:`rwkvunet_jax.data.bad_examples`); CMYK, grey,
+palette and alpha images are not failures (:mod:`rwkvunet_jax.data.decode`). Images stay uint8 (the trainer
+normalises them on the device with :data:`IMAGENET_MEAN` and :data:`IMAGENET_STD`), which keeps
+host-to-device traffic small.
 
 Evaluation gives every process the same number of batches (collective steps need that); the padding
 rows carry ``valid == False``.
@@ -26,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from rwkvunet_jax.data.decode import read_rgb8
 from rwkvunet_jax.data.pipeline import prefetched
 from rwkvunet_jax.data.randaugment import (IMAGENET_MEAN, IMAGENET_STD, RandAugmentPolicy, color_jitter,
                                            rand_augment, random_resized_crop, resize_shorter_and_center_crop)
@@ -95,12 +99,11 @@ class ImageFolderSource:
         return len(self._files)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from PIL import Image
+        return {"image": read_rgb8(self.root / self._files[index]), "label": self._labels[index]}
 
-        path = self.root / self._files[index]
-        with Image.open(path) as image:
-            array = _to_rgb_array(image.convert("RGB"))
-        return {"image": array, "label": self._labels[index]}
+    def describe(self, index: int) -> str:
+        """The file of example ``index`` (for logs of bad examples)."""
+        return str(self.root / self._files[index])
 
     def __repr__(self) -> str:  # grain compares it when restoring an iterator state
         return f"ImageFolderSource(root={str(self.root)!r}, n={len(self)}, classes={self.num_classes})"
@@ -132,6 +135,10 @@ class TfdsSource:
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self._source[index]
         return {"image": _to_rgb_array(record["image"]), "label": np.int32(record["label"])}
+
+    def describe(self, index: int) -> str:
+        """The tfds record of example ``index`` (for logs of bad examples)."""
+        return f"tfds {self.name}/{self.split} record {int(index)}"
 
     def __repr__(self) -> str:
         return f"TfdsSource(name={self.name!r}, split={self.split!r}, data_dir={self.data_dir!r}, n={len(self)})"

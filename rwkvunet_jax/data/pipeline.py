@@ -2,9 +2,9 @@
 
 Training order (grain ``MapDataset``, lazy and random-access), for every task::
 
-    source -> shuffle(seed) -> repeat(forever, reshuffled every epoch) -> transform(seed)
-           -> every shard_count-th element from shard_index -> batch(drop_remainder)
-           -> [batch_transform] -> prefetch (threads, or worker processes) -> iterator
+    indices -> shuffle(seed) -> repeat(forever, reshuffled every epoch) -> read + transform(seed)
+            -> every shard_count-th element from shard_index -> batch(drop_remainder)
+            -> [batch_transform] -> prefetch (threads, or worker processes) -> iterator
 
 The shuffle and the transform seeds cover the global stream and each host keeps every
 ``shard_count``-th element of it, so hosts see disjoint examples within an epoch, no example is dropped,
@@ -12,7 +12,9 @@ the global batch at step k is the same whatever the number of hosts, and every p
 augmentation randomness. An iterator state (``it.get_state()``) restores into a fresh iterator built
 with the same arguments (``it.set_state(state)``, or grain's Orbax handler) and continues with the exact
 next batch, with or without worker processes. The transforms: :class:`~rwkvunet_jax.data.augment.RecipeTransform`
-(segmentation recipes) and :class:`~rwkvunet_jax.data.imagenet.TrainTransform` (ImageNet).
+(segmentation recipes) and :class:`~rwkvunet_jax.data.imagenet.TrainTransform` (ImageNet). An example that
+cannot be read or transformed is logged and replaced by another one chosen from its index alone
+(:mod:`rwkvunet_jax.data.bad_examples`); every batch says which under ``"bad_index"``.
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ from typing import Any
 import numpy as np
 
 from rwkvunet_jax.data.augment import check_size, resize_pair
+from rwkvunet_jax.data.bad_examples import ReadAndTransform
 
 
 def train_iterator(source, transform, *, batch_size: int, seed: int, shard_index: int = 0, shard_count: int = 1,
                    batch_transform: Any = None, worker_count: int = 0, read_threads: int = 4,
                    prefetch_buffer_size: int = 8):
-    """Infinite training batches of ``transform(example, rng)`` outputs for shard ``shard_index`` (numpy).
+    """Infinite training batches of ``transform(example, rng)`` outputs for shard ``shard_index`` (numpy),
+    plus ``"bad_index"`` int64 (B,): -1, or the index of an example that could not be read or transformed
+    and was replaced (see :mod:`rwkvunet_jax.data.bad_examples`).
 
     ``transform`` and ``batch_transform`` are picklable grain random maps ``(x, np.random.Generator) -> x``;
     ``batch_transform`` (e.g. Mixup/CutMix) acts on whole batches, seeded per shard so that hosts draw
@@ -47,8 +52,10 @@ def train_iterator(source, transform, *, batch_size: int, seed: int, shard_index
     if len(source) < shard_count * batch_size:
         raise ValueError(f"{source!r} has {len(source)} examples, fewer than one global batch "
                          f"({shard_count} x {batch_size})")
-    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
-    ds = ds.random_map(transform, seed=seed)
+    # Indices, not examples, are shuffled: ReadAndTransform reads and transforms them and replaces an example
+    # that fails. The order and the random stream of every position equal those of shuffling the source.
+    ds = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(None)
+    ds = ds.random_map(ReadAndTransform(source, transform), seed=seed)
     if shard_count > 1:
         ds = ds[shard_index::shard_count]
     ds = ds.batch(batch_size, drop_remainder=True)

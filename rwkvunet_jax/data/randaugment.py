@@ -4,7 +4,15 @@ Written from the published descriptions (Cubuk et al. 2020, "RandAugment"; the t
 ``rand-m9-mstd0.5-inc1`` used by the official pretraining): each image gets ``num_ops`` operations
 drawn uniformly with replacement, each applied with probability ``prob``, at a magnitude drawn per
 operation from ``N(magnitude, magnitude_std)`` clipped to ``[0, 10]``. ``inc1`` selects the
-"increasing" operation set, where a larger magnitude always means a stronger distortion.
+"increasing" operation set (:data:`INCREASING_OPS`), where a larger magnitude always means a stronger
+distortion; without it (``inc0``, timm's default) the plain set (:data:`PLAIN_OPS`) is used, whose
+posterize, solarize and enhance ops weaken as the magnitude grows.
+
+Posterize keeps ``bits`` in 0..8 most significant bits of each channel. timm's levels reach 0 bits
+(increasing set at magnitude 10, plain set at magnitude 0); Pillow < 13 computed its mask
+``~(2 ** (8 - bits) - 1)`` for that too, which zeroes every pixel, and Pillow 13 rejects ``bits=0``.
+:func:`posterize` applies the same mask through its own lookup table, so 0 bits gives a black image
+as it did in the reference runs, on every Pillow version.
 
 Every random choice comes from the ``numpy.random.Generator`` passed in, so a grain ``random_map``
 seed makes the whole pipeline reproducible and resumable. Pillow is imported lazily.
@@ -80,37 +88,70 @@ def rotate(img, level, rng):
     return img.rotate(degrees, resample=_resample(rng), fillcolor=_fill(img))
 
 
+def _point(img, lut: Sequence[int]):
+    """The same 256-entry lookup table applied to every band of an 8-bit image (L, RGB, ...)."""
+    return img.point(list(lut) * len(img.getbands()))
+
+
+def posterize(img, bits: int):
+    """Keeps the ``bits`` (0..8) most significant bits of every channel; 0 bits gives a black image.
+
+    Pillow's own mask (``~(2 ** (8 - bits) - 1)``) in a lookup table of ours, because Pillow >= 13
+    refuses ``bits=0``, which timm's levels produce (see the module docstring).
+    """
+    bits = int(bits)
+    if bits >= 8:
+        return img
+    mask = ~(2 ** (8 - max(bits, 0)) - 1)
+    return _point(img, [i & mask for i in range(256)])
+
+
 def posterize_increasing(img, level, rng):
-    bits = 4 - int(level / MAX_LEVEL * 4)
-    return img if bits >= 8 else _pil()[2].posterize(img, max(bits, 0))
+    return posterize(img, 4 - int(level / MAX_LEVEL * 4))  # 4 bits at level 0 down to 0 bits at 10
+
+
+def posterize_plain(img, level, rng):
+    return posterize(img, int(level / MAX_LEVEL * 4))  # 0 bits at level 0 up to 4 bits at 10
+
+
+def solarize(img, threshold: int):
+    """Inverts the pixels ``>= threshold`` (256: none, 0: all)."""
+    return _point(img, [255 - i if i >= threshold else i for i in range(256)])
 
 
 def solarize_increasing(img, level, rng):
-    threshold = 256 - int(level / MAX_LEVEL * 256)
-    return _pil()[2].solarize(img, threshold)
+    return solarize(img, 256 - int(level / MAX_LEVEL * 256))
+
+
+def solarize_plain(img, level, rng):
+    return solarize(img, min(256, int(level / MAX_LEVEL * 256)))
 
 
 def solarize_add(img, level, rng, threshold: int = 128):
     add = int(level / MAX_LEVEL * MAX_SOLARIZE_ADD)
-    lut = [min(255, i + add) if i < threshold else i for i in range(256)]
-    if img.mode == "RGB":
-        lut = lut * 3
-    return img.point(lut)
+    return _point(img, [min(255, i + add) if i < threshold else i for i in range(256)])
 
 
-def _enhancer(name: str) -> Callable:
+def _enhancer(name: str, increasing: bool) -> Callable:
     def op(img, level, rng):
-        factor = 1.0 + _signed(level / MAX_LEVEL * MAX_ENHANCE_DELTA, rng)
+        if increasing:  # 1 +- 0.9 level / 10: no change at level 0
+            factor = 1.0 + _signed(level / MAX_LEVEL * MAX_ENHANCE_DELTA, rng)
+        else:  # 0.1 at level 0 up to 1.9 at level 10, no random sign
+            factor = level / MAX_LEVEL * 2 * MAX_ENHANCE_DELTA + (1.0 - MAX_ENHANCE_DELTA)
         return getattr(_pil()[1], name)(img).enhance(factor)
 
-    op.__name__ = f"{name.lower()}_increasing"
+    op.__name__ = f"{name.lower()}_{'increasing' if increasing else 'plain'}"
     return op
 
 
-color_increasing = _enhancer("Color")
-contrast_increasing = _enhancer("Contrast")
-brightness_increasing = _enhancer("Brightness")
-sharpness_increasing = _enhancer("Sharpness")
+color_increasing = _enhancer("Color", True)
+contrast_increasing = _enhancer("Contrast", True)
+brightness_increasing = _enhancer("Brightness", True)
+sharpness_increasing = _enhancer("Sharpness", True)
+color_plain = _enhancer("Color", False)
+contrast_plain = _enhancer("Contrast", False)
+brightness_plain = _enhancer("Brightness", False)
+sharpness_plain = _enhancer("Sharpness", False)
 
 
 def shear_x(img, level, rng):
@@ -151,6 +192,20 @@ INCREASING_OPS: dict[str, Callable] = {
     "TranslateYRel": translate_y_rel,
 }
 
+# timm's ``_RAND_TRANSFORMS`` (policy without ``inc1``): the same operations, but posterize, solarize and
+# the four enhancers use the original levels that weaken as the magnitude grows.
+PLAIN_OPS: dict[str, Callable] = {
+    **{k: v for k, v in INCREASING_OPS.items()
+       if k in ("AutoContrast", "Equalize", "Invert", "Rotate", "SolarizeAdd")},
+    "Posterize": posterize_plain,
+    "Solarize": solarize_plain,
+    "Color": color_plain,
+    "Contrast": contrast_plain,
+    "Brightness": brightness_plain,
+    "Sharpness": sharpness_plain,
+    **{k: v for k, v in INCREASING_OPS.items() if k in ("ShearX", "ShearY", "TranslateXRel", "TranslateYRel")},
+}
+
 
 # ----------------------------------------------------------------------------- RandAugment
 
@@ -164,6 +219,11 @@ class RandAugmentPolicy:
     magnitude_std: float = 0.5
     prob: float = 0.5
     increasing: bool = True
+
+    @property
+    def ops(self) -> dict[str, Callable]:
+        """The operation set the policy draws from."""
+        return INCREASING_OPS if self.increasing else PLAIN_OPS
 
     @classmethod
     def parse(cls, policy: str) -> RandAugmentPolicy:
@@ -186,21 +246,27 @@ class RandAugmentPolicy:
                 values["prob"] = float(value)
             else:
                 values["increasing"] = bool(int(value))
-        if not values.get("increasing", True):
-            raise ValueError(f"only the increasing operation set (inc1) is implemented, got {policy!r}")
+        # timm's default without "inc" is the plain set.
+        values.setdefault("increasing", False)
         return cls(**values)
 
 
+def draw_level(policy: RandAugmentPolicy, rng: np.random.Generator) -> float:
+    """One operation's level: ``N(magnitude, magnitude_std)`` clipped to [0, 10] (the magnitude if std 0)."""
+    level = policy.magnitude
+    if policy.magnitude_std > 0:
+        level = rng.normal(policy.magnitude, policy.magnitude_std)
+    return float(np.clip(level, 0.0, MAX_LEVEL))
+
+
 def rand_augment(img, rng: np.random.Generator, policy: RandAugmentPolicy = RandAugmentPolicy()):
-    """Applies ``policy.num_ops`` random operations of :data:`INCREASING_OPS` to a PIL image."""
-    names = list(INCREASING_OPS)
+    """Applies ``policy.num_ops`` random operations of ``policy.ops`` to an 8-bit PIL image (L or RGB)."""
+    ops = policy.ops
+    names = list(ops)
     for index in rng.integers(len(names), size=policy.num_ops):
         if rng.random() >= policy.prob:
             continue
-        level = policy.magnitude
-        if policy.magnitude_std > 0:
-            level = float(np.clip(rng.normal(policy.magnitude, policy.magnitude_std), 0.0, MAX_LEVEL))
-        img = INCREASING_OPS[names[int(index)]](img, level, rng)
+        img = ops[names[int(index)]](img, draw_level(policy, rng), rng)
     return img
 
 

@@ -90,35 +90,43 @@ def _call(fn: Callable, name: str, *args, **options):
     return fn(*args, **options)
 
 
-def _phantom_source(root: str | Path, split: str) -> SliceSource:
+def _phantom_source(root: str | Path, split: str, *, list_dir: str | Path | None = None) -> SliceSource:
     from rwkvunet_jax.data.base import VolumeSliceSource
     from rwkvunet_jax.data.synapse import npz_slices
 
     if split == "train":
-        return npz_slices("phantom", Path(root), split, "train_npz", "train.txt")
-    return VolumeSliceSource("phantom", Path(root), split, _phantom_volumes(root, split))
+        return npz_slices("phantom", Path(root), split, "train_npz", "train.txt", list_dir)
+    return VolumeSliceSource("phantom", Path(root), split, _phantom_volumes(root, split, list_dir=list_dir))
 
 
-def _phantom_volumes(root: str | Path, split: str) -> H5Volumes:
+def _phantom_volumes(root: str | Path, split: str, *, list_dir: str | Path | None = None) -> H5Volumes:
     from rwkvunet_jax.data.synapse import h5_volumes
 
     if split not in ("val", "test"):
         raise ValueError(f"phantom volumes exist for splits 'val' and 'test', got {split!r}")
-    return h5_volumes("phantom", Path(root), split, f"{split}_vol_h5", f"{split}_vol.txt")
+    return h5_volumes("phantom", Path(root), split, f"{split}_vol_h5", f"{split}_vol.txt", list_dir)
 
 
-def get_source(name: str, root: str | Path, split: str, *, split_seed: int = 0, **options) -> SliceSource:
+def _with_list_dir(options: dict, list_dir: str | Path | None) -> dict:
+    # "" and None both mean "look beside the data"; only readers with list files take the option.
+    return {**options, "list_dir": list_dir} if list_dir else options
+
+
+def get_source(name: str, root: str | Path, split: str, *, split_seed: int = 0, list_dir: str | Path | None = None,
+               **options) -> SliceSource:
     """The random-access 2-D examples of one split of a dataset.
 
     ``src[i] -> {"image": f32 (H, W, C), "label": i32 (H, W), "id": str}`` at the native resolution.
     ``split_seed`` picks the random 8:1:1 (9:1 for GlaS) split of the binary datasets; it is ignored by
-    datasets with official splits. ``options`` go to the reader (synapse: ``list_dir``; binary:
+    datasets with official splits. ``list_dir`` is the folder of the list files (synapse, acdc, phantom;
+    None or "" = beside the data, ACDC's patient ranges). ``options`` go to the reader (binary:
     ``fractions``, ``val_fraction`` (glas), ``include_normal`` (busi)). Raises FileNotFoundError for a
-    missing root/folder/mask, ValueError for an empty split or an unknown name, split or option.
+    missing root/folder/mask/list, ValueError for an empty split or an unknown name, split or option.
     """
     splits = info(name).splits
     if split not in splits:
         raise ValueError(f"dataset {name!r} has splits {splits}, got {split!r}")
+    options = _with_list_dir(options, list_dir)
     if name == "synapse":
         from rwkvunet_jax.data.synapse import synapse_source
 
@@ -134,14 +142,17 @@ def get_source(name: str, root: str | Path, split: str, *, split_seed: int = 0, 
     return _call(folder_source, name, name, root, split, split_seed=split_seed, **options)
 
 
-def get_volumes(name: str, root: str | Path, split: str, **options) -> Sequence[dict]:
+def get_volumes(name: str, root: str | Path, split: str, *, list_dir: str | Path | None = None,
+                **options) -> Sequence[dict]:
     """Lazily loaded volumes ``{"image": f32 (D, H, W), "label": i32 (D, H, W), "id": str}``.
 
     synapse: 'test'; acdc: 'train', 'val', 'test'; phantom: 'val', 'test' (stacks of independent images).
+    ``list_dir`` as for :func:`get_source`.
     """
     volumes = info(name).volumes
     if split not in volumes:
         raise ValueError(f"dataset {name!r} has volumes for splits {volumes}, got {split!r}")
+    options = _with_list_dir(options, list_dir)
     if name == "synapse":
         from rwkvunet_jax.data.synapse import synapse_volumes
 

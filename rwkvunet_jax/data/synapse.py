@@ -6,25 +6,30 @@ Supported layout (the standard preprocessed release; HU clipped to [-125, 275] a
     <root>/test_vol_h5/<case>.npy.h5             datasets 'image', 'label' of shape (D, H, W)
     <list_dir>/train.txt, <list_dir>/test_vol.txt  one name per line (e.g. case0031_slice000, case0001)
 
-``list_dir`` defaults to the first of ``<root>/lists_Synapse``, ``<root>/lists/lists_Synapse``,
-``<root>/lists`` and ``<root>`` that holds the list file. Without any list file every ``*.npz`` /
-``*.npy.h5`` file of the split folder is used (logged). Splits: ``train`` (slices) and ``test``
-(12 volumes in the paper); the official recipe has no validation split.
+TransUNet keeps ``lists/lists_Synapse/{train,test_vol}.txt`` beside its code, not beside the data: pass
+that folder as ``list_dir`` (``--config.data.list_dir``). Without it, the first of ``<root>/lists_Synapse``,
+``<root>/lists/lists_Synapse``, ``<root>/lists`` and ``<root>`` that holds the list file is used; without
+any list file every ``*.npz`` / ``*.npy.h5`` file of the split folder is used, with a
+:class:`MissingListWarning` (the release's folders hold exactly the listed cases, but a copy with extra
+files would silently change the split). Splits: ``train`` (slices) and ``test`` (12 volumes in the
+paper); the official recipe has no validation split.
 The same reader serves the phantom dataset, whose layout adds ``val_vol_h5`` and ``val_vol.txt``.
 """
 
 from __future__ import annotations
 
-import logging
+import warnings
 from pathlib import Path
 
 from rwkvunet_jax.data.base import (H5Volumes, NpzSliceSource, SliceSource, VolumeSliceSource, natural_key,
                                     read_list_file, require_dir, require_file, require_nonempty)
 
-log = logging.getLogger(__name__)
-
 SPLITS = ("train", "test")
 _LIST_DIRS = ("lists_Synapse", "lists/lists_Synapse", "lists", ".")
+
+
+class MissingListWarning(UserWarning):
+    """No list file was found: every file of the split folder is used."""
 
 
 def find_list_file(root: Path, filename: str, list_dir: str | Path | None) -> Path | None:
@@ -38,11 +43,13 @@ def find_list_file(root: Path, filename: str, list_dir: str | Path | None) -> Pa
     return None
 
 
-def _listed_files(folder: Path, list_file: Path | None, suffix: str, dataset: str) -> list[Path]:
+def _listed_files(folder: Path, list_file: Path | None, suffix: str, dataset: str, list_name: str) -> list[Path]:
     if list_file is None:
         files = sorted(folder.glob(f"*{suffix}"), key=lambda p: natural_key(p.name))
-        log.info("%s: no list file found, using all %d %s files in %s", dataset, len(files), suffix, folder)
         require_nonempty(files, folder, f"{suffix} files")
+        warnings.warn(f"{dataset}: no {list_name} found beside the data; using all {len(files)} {suffix} files in "
+                      f"{folder}. Set data.list_dir to the folder holding {list_name} (TransUNet: "
+                      f"lists/lists_Synapse in its checkout)", MissingListWarning, stacklevel=2)
         return files
     names = read_list_file(list_file)
     require_nonempty(names, list_file, "names")
@@ -57,7 +64,7 @@ def npz_slices(dataset: str, root: Path, split: str, folder: str, list_name: str
     """Slices ``<root>/<folder>/<name>.npz`` for the names in ``<list_dir>/<list_name>``."""
     root = require_dir(root, f"{dataset} root")
     directory = require_dir(root / folder, f"{dataset} {split} folder")
-    files = _listed_files(directory, find_list_file(root, list_name, list_dir), ".npz", dataset)
+    files = _listed_files(directory, find_list_file(root, list_name, list_dir), ".npz", dataset, list_name)
     return NpzSliceSource(dataset, root, split, files)
 
 
@@ -66,7 +73,7 @@ def h5_volumes(dataset: str, root: Path, split: str, folder: str, list_name: str
     """Volumes ``<root>/<folder>/<name>.npy.h5`` for the names in ``<list_dir>/<list_name>``."""
     root = require_dir(root, f"{dataset} root")
     directory = require_dir(root / folder, f"{dataset} {split} folder")
-    files = _listed_files(directory, find_list_file(root, list_name, list_dir), ".npy.h5", dataset)
+    files = _listed_files(directory, find_list_file(root, list_name, list_dir), ".npy.h5", dataset, list_name)
     return H5Volumes(dataset, files)
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-# Class colours (RGB, 0-255); class 0 is background and never painted. Index c uses PALETTE[c % len].
+# Class colours (RGB, 0-255); class 0 is background and never painted; classes past the end wrap around to 1.
 PALETTE = np.array(
     [
         (0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
@@ -19,6 +19,12 @@ PALETTE = np.array(
     ],
     dtype=np.uint8,
 )
+
+
+def palette_index(classes):
+    """The ``PALETTE`` row of each class index: 0 for the background, 1..11 cycling for the classes."""
+    classes = np.asarray(classes, np.int64)
+    return np.where(classes > 0, 1 + (classes - 1) % (len(PALETTE) - 1), 0)
 
 
 def to_display_rgb(image: np.ndarray) -> np.ndarray:
@@ -41,33 +47,103 @@ def overlay(image: np.ndarray, mask: np.ndarray, *, alpha: float = 0.45) -> np.n
     mask = np.asarray(mask)
     if mask.shape != rgb.shape[:2]:
         raise ValueError(f"mask shape {mask.shape} does not match image shape {rgb.shape[:2]}")
-    colours = PALETTE[mask.astype(np.int64) % len(PALETTE)].astype(np.float32)
+    colours = PALETTE[palette_index(mask)].astype(np.float32)
     painted = mask > 0
     rgb[painted] = (1 - alpha) * rgb[painted] + alpha * colours[painted]
     return np.round(rgb).astype(np.uint8)
 
 
 def save_overlay_png(path: str | Path, image: np.ndarray, pred: np.ndarray, label: np.ndarray | None = None,
-                     *, min_height: int = 192) -> Path:
-    """Save [image | label overlay | prediction overlay] side by side (without the label panel if None).
+                     *, min_height: int = 192, class_names: Sequence[str] | None = None,
+                     title: str | None = None) -> Path:
+    """Save the panels image | ground truth | prediction (no ground truth panel if ``label`` is None).
 
-    Small images are enlarged by an integer factor (nearest neighbour) to at least ``min_height`` rows.
+    Each panel has its name above it; ``title`` goes on a line above the panels and a legend of the class
+    colours below them. ``class_names`` name the foreground classes 1, 2, ... (a leading "background"
+    is dropped); without them the legend lists the classes present as "class c". Small images are
+    enlarged by an integer factor (nearest neighbour) to at least ``min_height`` rows.
     """
-    from PIL import Image
+    from PIL import Image, ImageDraw
 
-    panels = [to_display_rgb(image)]
+    pred = np.asarray(pred)
+    panels = [("image", to_display_rgb(image))]
     if label is not None:
-        panels.append(overlay(image, label))
-    panels.append(overlay(image, pred))
-    factor = max(1, -(-min_height // panels[0].shape[0]))
+        panels.append(("ground truth", overlay(image, label)))
+    panels.append(("prediction", overlay(image, pred)))
+    factor = max(1, -(-min_height // panels[0][1].shape[0]))
     if factor > 1:
-        panels = [np.repeat(np.repeat(p, factor, axis=0), factor, axis=1) for p in panels]
-    gap = np.full((panels[0].shape[0], 4, 3), 255, np.uint8)
-    row = np.concatenate([p for panel in panels for p in (panel, gap)][:-1], axis=1)
+        panels = [(name, np.repeat(np.repeat(p, factor, axis=0), factor, axis=1)) for name, p in panels]
+    gap = np.full((panels[0][1].shape[0], 4, 3), 255, np.uint8)
+    row = np.concatenate([p for _, panel in panels for p in (panel, gap)][:-1], axis=1)
+
+    font = _font()
+    line = _text_height(font) + 6
+    legend = _legend_entries(class_names, pred, label)
+    legend_lines = _layout_legend(legend, row.shape[1], font)
+    top = line * (2 if title else 1)
+    canvas = Image.new("RGB", (row.shape[1], top + row.shape[0] + line * len(legend_lines) + 4), "white")
+    canvas.paste(Image.fromarray(row), (0, top))
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((2, 3), title, fill="black", font=font)
+    x = 0
+    for name, panel in panels:
+        draw.text((x + 2, top - line + 3), name, fill="black", font=font)
+        x += panel.shape[1] + gap.shape[1]
+    y = top + row.shape[0] + 4
+    box = _text_height(font)
+    for entries in legend_lines:
+        for x, colour, text in entries:
+            draw.rectangle((x, y, x + box, y + box), fill=tuple(int(c) for c in colour), outline="black")
+            draw.text((x + box + 4, y), text, fill="black", font=font)
+        y += line
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(row).save(path)
+    canvas.save(path)
     return path
+
+
+def _font():
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=13)
+    except TypeError:  # Pillow < 10.1: one bitmap size
+        return ImageFont.load_default()
+
+
+def _text_height(font) -> int:
+    left, top, right, bottom = font.getbbox("Ag")
+    return int(bottom)
+
+
+def _legend_entries(class_names: Sequence[str] | None, pred: np.ndarray, label: np.ndarray | None
+                    ) -> list[tuple[int, str]]:
+    """(class index, name) of the foreground classes: all named ones, else those present."""
+    if class_names is not None:
+        names = list(class_names)
+        if names and names[0].lower() in ("background", "bg"):
+            names = names[1:]
+        return [(c, name) for c, name in enumerate(names, start=1)]
+    present = set(np.unique(pred).tolist())
+    if label is not None:
+        present |= set(np.unique(label).tolist())
+    return [(int(c), f"class {int(c)}") for c in sorted(present) if c > 0]
+
+
+def _layout_legend(entries: list[tuple[int, str]], width: int, font) -> list[list[tuple[int, np.ndarray, str]]]:
+    """Legend entries (x, colour, text) wrapped into lines no wider than ``width``."""
+    box = _text_height(font)
+    lines: list[list[tuple[int, np.ndarray, str]]] = [[]]
+    x = 2
+    for c, name in entries:
+        size = box + 4 + int(font.getlength(name)) + 12
+        if lines[-1] and x + size > width:
+            lines.append([])
+            x = 2
+        lines[-1].append((x, PALETTE[palette_index(c)], name))
+        x += size
+    return lines if lines[0] else []
 
 
 def write_metrics(
@@ -105,7 +181,7 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | Non
 
 
 def plot_progress(records: Sequence[Mapping[str, float]], path: str | Path) -> Path:
-    """progress.png: training loss, validation Dice and learning rate against the step.
+    """progress.png: training losses (total, cross-entropy, Dice loss), validation Dice and learning rate.
 
     ``records`` are metric-writer records (``{"step": s, "train/loss": ..., "val/mean_dice": ..., "train/lr": ...}``).
     """
@@ -120,7 +196,7 @@ def plot_progress(records: Sequence[Mapping[str, float]], path: str | Path) -> P
 
     fig, axes = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
     for ax, names, ylabel in (
-        (axes[0], ("train/loss", "train/ce", "train/dice"), "loss"),
+        (axes[0], ("train/loss", "train/ce", "train/dice_loss"), "training loss"),
         (axes[1], ("val/mean_dice",), "validation Dice"),
         (axes[2], ("train/lr",), "learning rate"),
     ):

@@ -7,8 +7,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
-WKV_VARIANTS = ("official", "paper")
-WKV_IMPLS = ("auto", "scan", "naive", "pallas")
+from rwkvunet_jax.wkv import IMPLS as WKV_IMPLS
+from rwkvunet_jax.wkv import VARIANTS as WKV_VARIANTS
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,8 +20,8 @@ PAPER_FIGURES: dict[tuple[str, int, int | None], tuple[float, float]] = {
     ("rwkv_unet_b", 224, 9): (17.4, 11.22),
 }
 
-# Parameters the official PyTorch forward pass uses, measured with hooks (shared/reference/
-# official-size-table.md); the official state_dicts also hold ~40% dead tensors, not counted here.
+# Parameters the official PyTorch forward pass uses, measured with hooks (docs/official-sizes.md);
+# the official state_dicts also hold ~40% dead tensors, not counted here.
 OFFICIAL_USED_PARAMS: dict[tuple[str, int, int], int] = {
     ("rwkv_unet_t", 1, 3): 3_145_761,
     ("rwkv_unet_t", 9, 3): 3_145_761 + 8 * 25,

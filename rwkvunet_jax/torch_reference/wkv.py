@@ -25,9 +25,10 @@ model passes ``spatial_decay / T`` and ``spatial_first / T``):
   m > t               exp(-w (m-t))
   ==================  ==========================================================
 
-  and y_t = sum_m W v / (sum_m W + 1e-6 exp(o_t)), where o_t is the largest exponent the kernel
-  keeps for token t: the maximum of {k_m - w(t-m): m < s}, {k_m - w(t-m-1): s <= m < t},
-  {k_m + w(t-m): s < m < t}, {u + k_t}, {k_t if t > s} and {k_m - w(m-t): m > t}.
+  and y_t = sum_m W v / (sum_m W + 1e-6 exp(o_t)), where o_t is the running maximum exponent the
+  kernel holds when it writes y_t; it never lowers a maximum, so tokens it already subtracted count:
+  o_t = max(o1_t, o2_t, u + k_t) with o2_t = max({k_m - w(t-m): m < s} | {k_m - w(t-1-m): s <= m < t})
+  and o1_t = max({k_m - w(m-s) + w(t-s): m >= s} | {k_m + w(t-m+1): s < m <= t}).
 
 Gradients: o_t only
 sets the scale of the epsilon and is held constant (detached), as in :mod:`rwkvunet_jax.wkv`.
@@ -89,8 +90,10 @@ def _dense_official(w, u, k, v):
     e_main = torch.where(future, kk + wc * dist, e_main)  # -w (m - t) = w (t - m)
     e_main = torch.where(diag, uu + kt, e_main)
     e_resid = torch.where(in_chunk, kk + wc * dist, torch.full_like(e_main, _NEG))
-    e_diag_resid = torch.where(diag & (t_idx > s_idx), kt.expand_as(e_main), torch.full_like(e_main, _NEG))
-    o = torch.maximum(torch.maximum(e_main, e_resid), e_diag_resid).amax(dim=-1, keepdim=True).detach()
+    # o_t's own sets: k_m + w(t - m) for m >= s and k_m + w(t - m + 1) for s < m <= t (the others are e_main's).
+    e_grown = torch.where(m_idx >= s_idx, kk + wc * dist, torch.full_like(e_main, _NEG))
+    e_grown1 = torch.where((m_idx > s_idx) & (m_idx <= t_idx), kk + wc * (dist + 1), torch.full_like(e_main, _NEG))
+    o = torch.maximum(torch.maximum(e_main, e_grown), e_grown1).amax(dim=-1, keepdim=True).detach()
 
     one_minus_ew = (1.0 - torch.exp(w))[:, None, None]
     weights = (
@@ -233,7 +236,12 @@ def _chunked_scan(w, u, k, v, official: bool):
         terms = [(m_a, x_a, None), (m_l + w, x_l, None), (m_s, x_s, 1.0 - torch.exp(w)), (m_f, x_f, None),
                  (m_hh, x_hh, None)]
         own = torch.where(after_start.bool(), k, torch.full_like(k, _NEG))
-        o = torch.stack([m for m, _, _ in terms] + [u + k, own]).amax(0).detach()
+        # The kernel's running maximum o_t (module docstring): besides the terms' own maxima, the chunk start
+        # k_s grown by w(t - s), the token itself, and w + max_{s<m<=t}(k_m + w(t-m)).
+        pos = torch.arange(t_len)
+        start_k = k[:, pos - pos % n] + w * (pos % n).to(k.dtype)[None, :, None]
+        extra = [u + k, k, start_k, torch.maximum(m_s, own) + w]
+        o = torch.stack([m for m, _, _ in terms] + extra).amax(0).detach()
         self_weight = torch.exp(k - o) * (torch.exp(u) + after_start * (1.0 - torch.exp(w)))
     else:
         terms = [(m + w, x, None) for m, x in ((m_a, x_a), (m_l, x_l), (m_f, x_f), (m_hh, x_hh))]

@@ -75,8 +75,10 @@ class TrainCheckpoints:
     def save(self, state: TrainState, *, iterator: Any, meta: Mapping[str, Any], force: bool = True) -> bool:
         """Starts an asynchronous save of ``state`` at its step (every process calls this).
 
-        ``iterator``: the grain iterator that produced the last batch (its state is read now, before the
-        call returns); ``meta``: JSON-able, must hold the model description under ``"model"``.
+        ``iterator``: the grain iterator that produced the last batch, or anything else whose ``get_state()``
+        gives its state (e.g. a :class:`~rwkvunet_jax.train.failsafe.IteratorSnapshot` of an earlier moment);
+        the state is read now, before the call returns. ``meta``: JSON-able, must hold the model description
+        under ``"model"``.
         """
         import grain
 
@@ -86,7 +88,7 @@ class TrainCheckpoints:
         return self._manager.save(step, force=force, args=ocp.args.Composite(
             model=ocp.args.StandardSave(model),
             optimizer=ocp.args.StandardSave(optimizer),
-            data=grain.checkpoint.CheckpointSave(iterator),
+            data=grain.checkpoint.CheckpointSave(_DataState(iterator.get_state())),
             meta=ocp.args.JsonSave(json.loads(json.dumps(dict(meta, step=step), default=str))),
         ))
 
@@ -162,6 +164,18 @@ class TrainCheckpoints:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _DataState:
+    """An iterator state captured at save time, in the form grain's handler writes as it is: JSON bytes (the
+    handler would otherwise call ``get_state()`` of a live iterator, which must then be a grain iterator). The
+    file is the one grain writes for a ``DatasetIterator``, and restores into one."""
+
+    def __init__(self, state: Any):
+        self._json = state if isinstance(state, bytes) else json.dumps(state, indent=4).encode()
+
+    def get_state(self) -> bytes:
+        return self._json
 
 
 def _abstract_state(state: TrainState, shardings: TrainState) -> TrainState:

@@ -4,7 +4,8 @@ Fine-tuning (``configs/common.py``) and pretraining (``configs/pretrain_imagenet
 names for the same things: ``batch_size``, ``epochs``, ``total_steps`` (0 = epochs x steps per epoch),
 ``seed``, ``accum_steps``, ``ema_decay`` (0 = off), ``bn_group_size`` (0 = whole batch), ``log_every_steps``,
 ``optim.*`` (see :mod:`rwkvunet_jax.train.optimizer`), ``data.root``, ``data.worker_count``,
-``data.train_split`` / ``data.val_split``, ``eval.every_steps`` / ``eval.every_epochs`` (both 0 = off),
+``data.train_split`` / ``data.val_split``, ``data.max_bad_fraction`` / ``data.bad_fraction_min_examples``
+(see :mod:`rwkvunet_jax.data.bad_examples`), ``eval.every_steps`` / ``eval.every_epochs`` (both 0 = off),
 ``eval.batch_size``, ``checkpoint.every_steps`` / ``keep`` / ``async_save``, ``debug.log_batches`` /
 ``debug.sigterm_at_step``. :data:`RENAMED` maps the names older configs used to the current ones.
 """
@@ -66,6 +67,9 @@ def check_common_fields(config: Any) -> None:
         raise ValueError("checkpoint.every_steps and log_every_steps must be >= 1")
     if config.data.worker_count < -1:
         raise ValueError(f"data.worker_count must be >= -1 (-1 = CPU cores - 2), got {config.data.worker_count}")
+    if not config.data.max_bad_fraction >= 0 or config.data.bad_fraction_min_examples < 0:
+        raise ValueError(f"data.max_bad_fraction and data.bad_fraction_min_examples must be >= 0 (1.0 = no limit), "
+                         f"got {config.data.max_bad_fraction} and {config.data.bad_fraction_min_examples}")
     optim = config.optim
     for field, value, choices in (("name", optim.name, OPTIMIZERS), ("schedule", optim.schedule, SCHEDULES),
                                   ("weight_decay_mask", optim.weight_decay_mask, WEIGHT_DECAY_MASKS)):

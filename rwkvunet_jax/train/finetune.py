@@ -2,8 +2,9 @@
 
 config -> mesh (data parallel over the local devices) -> data -> model (+ pretrained encoder) ->
 optimizer and schedule -> train state -> restore the latest checkpoint if there is one -> the shared loop
-(:mod:`rwkvunet_jax.train.loop`: tqdm with loss and lr; metrics to TensorBoard, CSV and JSON lines;
-periodic validation; periodic and best checkpoints; SIGTERM saves and stops) -> progress.png -> final
+(:mod:`rwkvunet_jax.train.loop`: progress bar with loss and lr; metrics to TensorBoard, CSV and JSON lines;
+periodic validation; periodic and best checkpoints; SIGTERM saves and stops; bad examples counted; a
+failing run checkpoints its last step first) -> progress.png -> final
 evaluation of the best (or last) weights on the test split. State, step (EMA, gradient accumulation,
 BatchNorm groups), optimizer, schedule and checkpoints are the ones pretraining uses.
 
@@ -13,7 +14,7 @@ Work directory::
                                        see rwkvunet_jax.train.checkpoints)
     WORKDIR/checkpoints_best/<step>/   the same, for the best validation mean Dice
     WORKDIR/metrics.{jsonl,csv}, WORKDIR/tensorboard/, WORKDIR/progress.png, WORKDIR/config.json
-    WORKDIR/eval/metrics.{json,csv}, WORKDIR/eval/overlays/*.png
+    WORKDIR/eval_<test split>/metrics.{json,csv}, .../overlays/*.png  (as `rwkvunet evaluate` writes them)
 
 Rerunning the same command after a kill resumes at the last saved step with the same data order: the
 grain iterator state is saved with every checkpoint, and drop-path masks depend only on the seed and the
@@ -55,8 +56,7 @@ def train_and_evaluate(config: Any, workdir: str | Path, *, stop_after_step: int
     ``metrics`` (if evaluated).
     """
     from rwkvunet_jax import data
-    from rwkvunet_jax.data.augment import RecipeTransform
-    from rwkvunet_jax.data.pipeline import train_iterator
+    from rwkvunet_jax.data.bad_examples import describe
     from rwkvunet_jax.train.checkpoints import TrainCheckpoints
     from rwkvunet_jax.train.optimizer import optimizer_from_config, schedule_from_config
     from rwkvunet_jax.train.state import split_model_state
@@ -77,14 +77,16 @@ def train_and_evaluate(config: Any, workdir: str | Path, *, stop_after_step: int
 
     # --- data --------------------------------------------------------------------------------------------
     root = Path(config.data.root).expanduser()
-    train_source = data.get_source(config.dataset, root, config.data.train_split, split_seed=config.data.split_seed)
+    train_source = data.get_source(config.dataset, root, config.data.train_split, split_seed=config.data.split_seed,
+                                   list_dir=config.data.list_dir)
     steps_per_epoch = len(train_source) // config.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"the training split of {train_source!r} has {len(train_source)} examples, fewer than "
                          f"one batch of {config.batch_size}")
     total_steps = int(config.total_steps) or int(config.epochs) * steps_per_epoch
-    train_iter = train_iterator(train_source, RecipeTransform(config.data.augment, config.data.image_size),
-                                batch_size=config.batch_size, seed=config.seed, worker_count=config.data.worker_count)
+    train_iter = data.train_iterator(train_source, data.RecipeTransform(config.data.augment, config.data.image_size),
+                                     batch_size=config.batch_size, seed=config.seed,
+                                     worker_count=config.data.worker_count)
     eval_every = _eval_interval(config, steps_per_epoch)
 
     # --- model (+ pretrained encoder on a fresh start), optimizer, train state ---------------------------
@@ -150,7 +152,8 @@ def train_and_evaluate(config: Any, workdir: str | Path, *, stop_after_step: int
         result = loop.run_loop(config, steps=steps, state=state, iterator=train_iter, checkpoints=checkpoints,
                                total_steps=total_steps, steps_per_epoch=steps_per_epoch, writer=writer,
                                meta_fn=meta_fn, after_step=after_step, progress=progress, desc="finetune",
-                               workdir=workdir, stop_after_step=stop_after_step)
+                               workdir=workdir, name_example=functools.partial(describe, train_source),
+                               stop_after_step=stop_after_step)
     finally:
         writer.close()
         checkpoints.close()
@@ -171,14 +174,15 @@ def train_and_evaluate(config: Any, workdir: str | Path, *, stop_after_step: int
                                           replicated)
             print(f"testing the best checkpoint (step {best['step']}, validation mean Dice "
                   f"{best['val/mean_dice']:.4f})")
-        from rwkvunet_jax.eval.evaluate import evaluate_dataset
+        from rwkvunet_jax.eval.evaluate import eval_dir, evaluate_dataset
 
         summary["metrics"] = evaluate_dataset(
             predict_fn, dataset=config.dataset, root=root, split=config.data.test_split,
             split_seed=config.data.split_seed, protocol=config.eval.protocol, num_outputs=config.model.num_classes,
             image_size=tuple(config.data.image_size), batch_size=config.eval.batch_size, tta=config.eval.tta,
-            class_names=tuple(config.class_names), outdir=workdir / "eval", num_overlays=config.eval.num_overlays,
-            paper=dict(config.paper), progress=progress)
+            class_names=tuple(config.class_names), outdir=eval_dir(workdir, config.data.test_split),
+            num_overlays=config.eval.num_overlays, paper=dict(config.paper), progress=progress,
+            list_dir=config.data.list_dir)
     return summary
 
 
@@ -214,7 +218,7 @@ def build_model(config: Any):
 
 
 def make_loss_fn(config: Any):
-    """``(logits, batch) -> (loss, {"ce", "dice"})`` against ``batch["label"]`` with the config's weights."""
+    """``(logits, batch) -> (loss, {"ce", "dice_loss"})`` against ``batch["label"]`` with the config's weights."""
     ignore = int(config.loss.ignore_index)
     segmentation = functools.partial(losses.segmentation_loss, ce_weight=config.loss.ce_weight,
                                      dice_weight=config.loss.dice_weight, ignore_index=ignore if ignore >= 0 else None)
@@ -263,10 +267,11 @@ def validate(config: Any, predict_fn, root: Path) -> dict[str, float]:
     kwargs = dict(image_size=tuple(config.data.image_size), batch_size=config.eval.batch_size,
                   tta=config.eval.val_tta, progress=False)
     if config.eval.protocol == "volume":
-        volumes = data.get_volumes(config.dataset, root, config.data.val_split)
+        volumes = data.get_volumes(config.dataset, root, config.data.val_split, list_dir=config.data.list_dir)
         summary, _ = evaluate_volumes(predict_fn, volumes, num_classes=config.model.num_classes, **kwargs)
     else:
-        source = data.get_source(config.dataset, root, config.data.val_split, split_seed=config.data.split_seed)
+        source = data.get_source(config.dataset, root, config.data.val_split, split_seed=config.data.split_seed,
+                                 list_dir=config.data.list_dir)
         summary, _ = evaluate_images(predict_fn, source, num_outputs=config.model.num_classes, **kwargs)
     return {f"val/{k}": float(v) for k, v in summary.items() if k in ("mean_dice", "mean_hd95", "mean_iou")}
 

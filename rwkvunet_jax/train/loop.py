@@ -4,9 +4,20 @@
 (``train/<name>``) every ``config.log_every_steps``, calls the task's ``after_step`` hook (validation,
 exports), and saves a train-state checkpoint every ``config.checkpoint.every_steps``, at the last step
 and when the job is preempted (SIGTERM; with several processes every process stops at the same step).
+Around that, for every run alike:
+
+* a progress bar (:mod:`rwkvunet_jax.train.progress`) that says "compiling" until the first step returns;
+* bad examples (:mod:`rwkvunet_jax.data.bad_examples`): each batch's ``"bad_index"`` is counted (metric
+  ``data/bad_examples``, summed over processes) and more than ``data.max_bad_fraction`` of the drawn
+  examples stops the run with a :class:`~rwkvunet_jax.data.bad_examples.BadFractionError` naming some;
+* a run that has trained steps never dies without a checkpoint (:mod:`rwkvunet_jax.train.failsafe`): on
+  any exception, Ctrl-C included, the last completed step is saved with the data position after its
+  batch before the exception propagates.
+
 It reads only the config fields every training config has (``configs/common.py``,
 ``configs/pretrain_imagenet.py``): ``batch_size``, ``log_every_steps``, ``checkpoint.every_steps``,
-``debug.log_batches`` and ``debug.sigterm_at_step``.
+``data.max_bad_fraction``, ``data.bad_fraction_min_examples``, ``debug.log_batches`` and
+``debug.sigterm_at_step``.
 """
 
 from __future__ import annotations
@@ -26,8 +37,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from rwkvunet_jax.train import PREEMPTED_EXIT_CODE
+from rwkvunet_jax.data.bad_examples import BAD_INDEX, BadExampleCounter, BadFractionError
+from rwkvunet_jax.train import PREEMPTED_EXIT_CODE, failsafe
 from rwkvunet_jax.train import sharding as shd
+from rwkvunet_jax.train.progress import step_bar
 from rwkvunet_jax.train.checkpoints import TrainCheckpoints
 from rwkvunet_jax.train.state import TrainState
 from rwkvunet_jax.train.step import TrainSteps
@@ -149,37 +162,47 @@ class LoopResult:
 def run_loop(config: Any, *, steps: TrainSteps, state: TrainState, iterator: Any, checkpoints: TrainCheckpoints,
              total_steps: int, steps_per_epoch: int, writer: Any, meta_fn: Callable[[int, bool], dict],
              after_step: Callable[[int, TrainState], Any] | None = None, progress: bool = True,
-             desc: str = "train", workdir: str | Path | None = None,
+             desc: str = "train", workdir: str | Path | None = None, name_example: Callable[[int], str] = str,
              stop_after_step: int | None = None) -> LoopResult:
     """Trains from ``state`` (at its step) to ``total_steps`` (see the module docstring).
 
     ``writer``: a MetricWriter on the primary process, None elsewhere. ``meta_fn(step, preempted)``: the
     checkpoint's JSON meta. ``after_step(step, state)``: runs after the step's log line and before its
-    checkpoint. ``stop_after_step``: stop there without a checkpoint (what a kill leaves; for tests).
+    checkpoint. ``name_example(index)``: the file or record of a training example, for the message of too
+    many bad examples (e.g. ``bad_examples.describe`` of the source). ``stop_after_step``: stop there
+    without a checkpoint (what a kill leaves; for tests).
+
+    Bad examples are checked over all processes at every log step (a collective, so every process stops
+    at the same step); a single process also checks on drawing each batch after the run's first (the
+    first batch of a run always trains, so that a stop has a step to checkpoint and a count in the metrics).
     """
     step = first = int(shd.to_host(state.step))
     primary = shd.is_primary()
+    process_count = jax.process_count()
     window = MetricWindow(config.batch_size)
     watcher = PreemptionWatcher(checkpoints)
-    bar = None
-    if progress and primary:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total_steps, initial=step, desc=desc, dynamic_ncols=True)
+    bad_examples = BadExampleCounter(config.data.max_bad_fraction, min_examples=config.data.bad_fraction_min_examples,
+                                     name=name_example)
+    bar = step_bar(progress and primary, total=total_steps, initial=step, desc=desc)
     batch_log = None
     if config.debug.log_batches and workdir is not None:
         (Path(workdir) / "batch_log").mkdir(parents=True, exist_ok=True)
         batch_log = (Path(workdir) / "batch_log" / f"process_{jax.process_index()}.jsonl").open("a")
     preempted = False
+    data_position = failsafe.IteratorSnapshot(iterator)  # the data position after the last completed step
     t_first = time.perf_counter()
     try:
         while step < total_steps:
             batch = next(iterator)
+            drawn = failsafe.IteratorSnapshot(iterator)
             if batch_log is not None:
                 batch_log.write(json.dumps({"step": step, "hash": batch_fingerprint(batch)}) + "\n")
                 batch_log.flush()
+            bad_examples.update(batch, check=process_count == 1 and step > first)
+            batch = {k: v for k, v in batch.items() if k != BAD_INDEX}
             state, metrics = steps.train_step(state, shd.host_local_batch_to_global(batch, steps.mesh))
             step += 1
+            data_position = drawn
             window.add(step, metrics)
             if step == first + 1:  # keep compilation out of the throughput figures
                 jax.block_until_ready(metrics)
@@ -191,18 +214,21 @@ def run_loop(config: Any, *, steps: TrainSteps, state: TrainState, iterator: Any
             if step % config.log_every_steps == 0 or step == total_steps or step == stop_after_step:
                 record = window.flush()
                 record["train/epoch"] = step / steps_per_epoch
+                seen, bad = _summed_over_processes(bad_examples.seen, bad_examples.bad)
+                record["data/bad_examples"] = bad
                 flushed = True
                 if writer is not None:
                     writer.write(step, record)
                 if bar is not None:
                     bar.set_postfix(loss=f"{record['train/loss']:.4f}", lr=f"{record.get('train/lr', math.nan):.2e}")
+                bad_examples.check(seen, bad)
             if bar is not None:
                 bar.update(1)
             if after_step is not None:
                 after_step(step, state)
             preempted = watcher.reached(step)
             if preempted or step % config.checkpoint.every_steps == 0 or step == total_steps:
-                checkpoints.save(state, iterator=iterator, meta=meta_fn(step, preempted))
+                checkpoints.save(state, iterator=data_position, meta=meta_fn(step, preempted))
             if flushed:  # throughput excludes validation and checkpoint time
                 window.restart_clock()
             if preempted:
@@ -211,6 +237,13 @@ def run_loop(config: Any, *, steps: TrainSteps, state: TrainState, iterator: Any
                 break
             if stop_after_step is not None and step >= stop_after_step:
                 break
+    except BaseException as err:
+        failsafe.checkpoint_before_raising(
+            err, step=step, start_step=first, latest_saved=checkpoints.latest_step(), process_count=process_count,
+            collective=isinstance(err, BadFractionError), poisoned=isinstance(err, NonFiniteLossError),
+            save=lambda: checkpoints.save(state, iterator=data_position,
+                                          meta=dict(meta_fn(step, False), stopped_by=type(err).__name__)))
+        raise
     finally:
         watcher.close()
         checkpoints.wait_until_finished()
@@ -219,3 +252,12 @@ def run_loop(config: Any, *, steps: TrainSteps, state: TrainState, iterator: Any
         if batch_log is not None:
             batch_log.close()
     return LoopResult(state=state, step=step, preempted=preempted)
+
+
+def _summed_over_processes(*counts: int) -> tuple[int, ...]:
+    """``counts`` summed over every process (a collective: all processes call it at the same step)."""
+    if jax.process_count() == 1:
+        return tuple(int(c) for c in counts)
+    from jax.experimental import multihost_utils
+
+    return tuple(int(v) for v in multihost_utils.process_allgather(np.array(counts, np.int64)).sum(0))

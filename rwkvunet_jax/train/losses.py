@@ -75,7 +75,7 @@ def segmentation_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Weighted CE + Dice; binary (sigmoid) when ``logits`` has one channel, softmax otherwise.
 
-    Returns ``(loss, {"ce": ..., "dice": ...})``.
+    Returns ``(loss, {"ce": ..., "dice_loss": ...})`` (logged as ``train/ce`` and ``train/dice_loss``: 1 - soft Dice).
     """
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {logits.shape} and labels {labels.shape} disagree: expected (B, H, W, C) and (B, H, W)")
@@ -85,7 +85,7 @@ def segmentation_loss(
     else:
         ce = cross_entropy(logits, labels, ignore_index=ignore_index)
         dice = soft_dice_loss(logits, labels)
-    return ce_weight * ce + dice_weight * dice, {"ce": ce, "dice": dice}
+    return ce_weight * ce + dice_weight * dice, {"ce": ce, "dice_loss": dice}
 
 
 def _squeeze_channel(logits: jax.Array) -> jax.Array:

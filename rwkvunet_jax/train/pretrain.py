@@ -2,7 +2,8 @@
 
 Reads top to bottom like the run it performs (``train_and_evaluate``): config -> mesh -> data ->
 model -> optimizer and schedule -> train state -> restore -> the shared loop (:mod:`rwkvunet_jax.train.loop`:
-train step, logs, evaluations, checkpoints, preemption) -> export.
+train step, logs, evaluations, checkpoints, preemption, bad-example counts, a checkpoint of the last step
+before any exception propagates) -> export.
 
 * State and step: :mod:`rwkvunet_jax.train.state` and :mod:`rwkvunet_jax.train.step`, the same as
   fine-tuning uses: ``jax.jit`` with explicit shardings on a ``(data, fsdp)`` mesh over every device of
@@ -128,6 +129,7 @@ def train_and_evaluate(config, workdir: str | Path) -> RunResult:
     """Runs (or resumes) ImageNet pretraining as configured (see ``configs/pretrain_imagenet.py``)."""
     from rwkvunet_jax.checkpoint import model_meta
     from rwkvunet_jax.data import imagenet
+    from rwkvunet_jax.data.bad_examples import describe
     from rwkvunet_jax.data.mixup import MixupCutmix
     from rwkvunet_jax.data.pipeline import train_iterator
     from rwkvunet_jax.models.registry import create_model
@@ -258,7 +260,8 @@ def train_and_evaluate(config, workdir: str | Path) -> RunResult:
         result = loop.run_loop(config, steps=steps, state=state, iterator=train_iter, checkpoints=checkpoints,
                                total_steps=total_steps, steps_per_epoch=steps_per_epoch, writer=writer,
                                meta_fn=meta_fn, after_step=after_step, progress=config.progress_bar,
-                               desc="pretrain", workdir=workdir)
+                               desc="pretrain", workdir=workdir,
+                               name_example=functools.partial(describe, train_source))
         if result.step == total_steps and not result.preempted and exported_at != result.step:
             export(result.step, result.state)
     finally:

@@ -1,0 +1,91 @@
+"""Every RandAugment operation at the extreme levels on odd-sized RGB and grey uint8 images.
+
+Pixel ops are checked against numpy re-derivations of timm's level formulas; the others must return an
+8-bit image of the same size and mode without raising (Pillow 13 refused posterize with 0 bits, which
+the increasing set reaches at magnitude 10 and the plain set at magnitude 0).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rwkvunet_jax.data import randaugment as ra
+
+SIZES = ((17, 23), (1, 5), (31, 9))
+OP_SETS = {"increasing": ra.INCREASING_OPS, "plain": ra.PLAIN_OPS}
+
+
+def _images():
+    rng = np.random.default_rng(0)
+    for h, w in SIZES:
+        yield Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        grey = rng.integers(0, 256, (h, w), dtype=np.uint8)
+        grey.flat[:2] = (0, 255)  # both ends of the range present
+        yield Image.fromarray(grey)
+
+
+def _levels():
+    rng = np.random.default_rng(1)
+    draws = [ra.draw_level(ra.RandAugmentPolicy(magnitude=m, magnitude_std=s), rng)
+             for m, s in ((9, 0.5), (10, 2.0), (0, 2.0), (9, 0.5))]
+    assert all(0.0 <= d <= 10.0 for d in draws)
+    return [0.0, 10.0, *draws]
+
+
+def _expected(name: str, x: np.ndarray, level: float) -> np.ndarray | None:
+    """timm's level -> argument rule and the op, in numpy; None for ops not re-derived here."""
+    x = x.astype(np.int64)
+    if name == "Invert":
+        return 255 - x
+    if name in ("PosterizeIncreasing", "Posterize"):
+        bits = int(level / 10 * 4)
+        bits = 4 - bits if name == "PosterizeIncreasing" else bits
+        keep = (0xFF << (8 - bits)) & 0xFF  # 0 bits keeps nothing: black
+        return x & keep
+    if name in ("SolarizeIncreasing", "Solarize"):
+        threshold = min(256, int(level / 10 * 256))
+        threshold = 256 - threshold if name == "SolarizeIncreasing" else threshold
+        return np.where(x >= threshold, 255 - x, x)
+    if name == "SolarizeAdd":
+        add = int(level / 10 * 110)
+        return np.where(x < 128, np.minimum(x + add, 255), x)
+    return None
+
+
+@pytest.mark.parametrize("op_set", sorted(OP_SETS))
+def test_every_op_at_every_level_keeps_size_and_dtype_and_pixel_ops_match_numpy(op_set):
+    ops = OP_SETS[op_set]
+    assert len(ops) == 15
+    checked = set()
+    for img in _images():
+        x = np.asarray(img)
+        for level in _levels():
+            for name, op in ops.items():
+                out = op(img, level, np.random.default_rng(2))
+                y = np.asarray(out)
+                assert out.mode == img.mode and out.size == img.size, (name, level, img.mode, img.size)
+                assert y.dtype == np.uint8 and y.shape == x.shape, (name, level)
+                expected = _expected(name, x, level)
+                if expected is not None:
+                    np.testing.assert_array_equal(y, expected, err_msg=f"{name} at level {level} ({img.mode})")
+                    checked.add(name)
+    assert len(checked) == 4  # invert, posterize, solarize, solarize-add of this set
+
+
+def test_posterize_with_zero_bits_is_black_and_eight_bits_is_identity():
+    img = next(_images())
+    assert not np.asarray(ra.posterize_increasing(img, 10.0, None)).any()
+    assert not np.asarray(ra.posterize_plain(img, 0.0, None)).any()
+    np.testing.assert_array_equal(np.asarray(ra.posterize(img, 8)), np.asarray(img))
+
+
+@pytest.mark.parametrize("policy", ["rand-m9-mstd0.5-inc1", "rand-m10-n4-mstd3-p1.0-inc1", "rand-m0-n4-mstd3-p1",
+                                    "rand-m9-mstd0.5"])
+def test_rand_augment_never_raises_on_rgb_or_grey(policy):
+    parsed = ra.RandAugmentPolicy.parse(policy)
+    assert parsed.increasing == policy.endswith("inc1")  # timm: no "inc" -> the plain set
+    for seed, img in enumerate(list(_images()) * 20):
+        out = ra.rand_augment(img, np.random.default_rng(seed), parsed)
+        assert out.size == img.size and out.mode == img.mode and np.asarray(out).dtype == np.uint8
