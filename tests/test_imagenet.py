@@ -1,4 +1,4 @@
-"""ImageNet input pipeline: augmentation ops against numpy formulas, sources, host sharding, resume."""
+"""ImageNet input pipeline: crops against their formulas, transforms, sources, host sharding, resume."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from rwkvunet_jax.data import imagenet as inet
-from rwkvunet_jax.data import randaugment as ra
+from rwkvunet_jax.data import image_ops
 from rwkvunet_jax.data.pipeline import train_iterator
 
 
@@ -17,70 +17,24 @@ def _image(h=24, w=20, seed=0) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
-# ----------------------------------------------------------------------------- single operations
-
-
-def test_pixel_ops_match_their_formulas():
-    img = _image()
-    x = np.asarray(img).astype(np.int32)
-    rng = np.random.default_rng(0)
-    np.testing.assert_array_equal(np.asarray(ra.invert(img, 5, rng)), 255 - x)
-    # Solarize at level 5: threshold 256 - 128 = 128, pixels >= 128 are inverted.
-    np.testing.assert_array_equal(np.asarray(ra.solarize_increasing(img, 5, rng)), np.where(x >= 128, 255 - x, x))
-    # Posterize at level 5: 4 - int(2) = 2 bits kept.
-    np.testing.assert_array_equal(np.asarray(ra.posterize_increasing(img, 5, rng)), x & 0b11000000)
-    # SolarizeAdd at level 10: +110 below 128, saturating.
-    expected = np.where(x < 128, np.minimum(x + 110, 255), x)
-    np.testing.assert_array_equal(np.asarray(ra.solarize_add(img, 10, rng)), expected)
-
-
-def test_brightness_scales_by_one_plus_or_minus_the_level():
-    img = _image()
-    x = np.asarray(img).astype(np.float64)
-    out = np.asarray(ra.brightness_increasing(img, 5, np.random.default_rng(3))).astype(np.float64)
-    candidates = [np.clip(x * f, 0, 255) for f in (1.45, 0.55)]
-    assert min(np.abs(out - c).max() for c in candidates) <= 1.0
-
-
-def test_translate_moves_pixels_by_the_level_fraction_and_fills_with_the_mean_pixel():
-    img = _image(h=10, w=20)
-    x = np.asarray(img)
-    out = np.asarray(ra.translate_x_rel(img, 10, np.random.default_rng(1)))
-    shift = 9  # 0.45 * 20 pixels
-    left = np.full_like(x, ra.FILL)
-    left[:, : 20 - shift] = x[:, shift:]  # content moved left
-    right = np.full_like(x, ra.FILL)
-    right[:, shift:] = x[:, : 20 - shift]  # content moved right
-    assert any(np.abs(out.astype(int) - ref.astype(int)).max() <= 1 for ref in (left, right))
-
-
-def test_rand_augment_is_deterministic_per_seed_and_varies_across_seeds():
-    img = _image(32, 32)
-    policy = ra.RandAugmentPolicy.parse("rand-m9-mstd0.5-inc1")
-    assert policy == ra.RandAugmentPolicy(magnitude=9.0, num_ops=2, magnitude_std=0.5, prob=0.5, increasing=True)
-    outs = [np.asarray(ra.rand_augment(img, np.random.default_rng(s), policy)) for s in (7, 7)]
-    np.testing.assert_array_equal(outs[0], outs[1])
-    distinct = {np.asarray(ra.rand_augment(img, np.random.default_rng(s), policy)).tobytes() for s in range(12)}
-    assert len(distinct) > 4
-    with pytest.raises(ValueError, match="policy"):
-        ra.RandAugmentPolicy.parse("rand-x9")
+# ----------------------------------------------------------------------------- crops and transforms
 
 
 def test_random_resized_crop_box_respects_area_and_aspect_ranges():
     rng = np.random.default_rng(0)
     for _ in range(200):
-        left, top, w, h = ra.random_resized_crop_box(200, 150, rng, (0.08, 1.0), (3 / 4, 4 / 3))
+        left, top, w, h = image_ops.random_resized_crop_box(200, 150, rng, (0.08, 1.0), (3 / 4, 4 / 3))
         assert 0 <= left and left + w <= 200 and 0 <= top and top + h <= 150
         assert 0.08 * 0.9 <= w * h / (200 * 150) <= 1.0
         assert 3 / 4 * 0.9 <= w / h <= 4 / 3 * 1.1
     # A 400x10 strip cannot hold any box of the requested area: the fallback is the central crop
     # clamped to the largest allowed aspect ratio.
-    assert ra.random_resized_crop_box(400, 10, rng, (0.9, 1.0), (3 / 4, 4 / 3)) == (193, 0, 13, 10)
+    assert image_ops.random_resized_crop_box(400, 10, rng, (0.9, 1.0), (3 / 4, 4 / 3)) == (193, 0, 13, 10)
 
 
 def test_eval_view_is_resize_shorter_to_size_over_crop_pct_then_centre_crop():
     img = _image(h=120, w=300, seed=2)
-    out = ra.resize_shorter_and_center_crop(img, 64, crop_pct=0.875)
+    out = image_ops.resize_shorter_and_center_crop(img, 64, crop_pct=0.875)
     short = math.floor(64 / 0.875)  # 73
     resized = np.asarray(img.resize((int(short * 300 / 120), short), Image.Resampling.BICUBIC))
     top, left = round((short - 64) / 2), round((resized.shape[1] - 64) / 2)

@@ -1,4 +1,5 @@
-"""Every RandAugment operation at the extreme levels on odd-sized RGB and grey uint8 images.
+"""RandAugment: every operation at the extreme levels on odd-sized RGB and grey uint8 images, the
+geometric and enhance ops against their formulas, and whole policies.
 
 Pixel ops are checked against numpy re-derivations of timm's level formulas; the others must return an
 8-bit image of the same size and mode without raising (Pillow 13 refused posterize with 0 bits, which
@@ -15,6 +16,10 @@ from rwkvunet_jax.data import randaugment as ra
 
 SIZES = ((17, 23), (1, 5), (31, 9))
 OP_SETS = {"increasing": ra.INCREASING_OPS, "plain": ra.PLAIN_OPS}
+
+
+def _rgb(h=24, w=20, seed=0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
 def _images():
@@ -89,3 +94,35 @@ def test_rand_augment_never_raises_on_rgb_or_grey(policy):
     for seed, img in enumerate(list(_images()) * 20):
         out = ra.rand_augment(img, np.random.default_rng(seed), parsed)
         assert out.size == img.size and out.mode == img.mode and np.asarray(out).dtype == np.uint8
+
+
+def test_brightness_scales_by_one_plus_or_minus_the_level():
+    img = _rgb()
+    x = np.asarray(img).astype(np.float64)
+    out = np.asarray(ra.brightness_increasing(img, 5, np.random.default_rng(3))).astype(np.float64)
+    candidates = [np.clip(x * f, 0, 255) for f in (1.45, 0.55)]
+    assert min(np.abs(out - c).max() for c in candidates) <= 1.0
+
+
+def test_translate_moves_pixels_by_the_level_fraction_and_fills_with_the_mean_pixel():
+    img = _rgb(h=10, w=20)
+    x = np.asarray(img)
+    out = np.asarray(ra.translate_x_rel(img, 10, np.random.default_rng(1)))
+    shift = 9  # 0.45 * 20 pixels
+    left = np.full_like(x, ra.FILL)
+    left[:, : 20 - shift] = x[:, shift:]  # content moved left
+    right = np.full_like(x, ra.FILL)
+    right[:, shift:] = x[:, : 20 - shift]  # content moved right
+    assert any(np.abs(out.astype(int) - ref.astype(int)).max() <= 1 for ref in (left, right))
+
+
+def test_rand_augment_is_deterministic_per_seed_and_varies_across_seeds():
+    img = _rgb(32, 32)
+    policy = ra.RandAugmentPolicy.parse("rand-m9-mstd0.5-inc1")
+    assert policy == ra.RandAugmentPolicy(magnitude=9.0, num_ops=2, magnitude_std=0.5, prob=0.5, increasing=True)
+    outs = [np.asarray(ra.rand_augment(img, np.random.default_rng(s), policy)) for s in (7, 7)]
+    np.testing.assert_array_equal(outs[0], outs[1])
+    distinct = {np.asarray(ra.rand_augment(img, np.random.default_rng(s), policy)).tobytes() for s in range(12)}
+    assert len(distinct) > 4
+    with pytest.raises(ValueError, match="policy"):
+        ra.RandAugmentPolicy.parse("rand-x9")

@@ -30,9 +30,10 @@ from typing import Any
 import numpy as np
 
 from rwkvunet_jax.data.decode import read_rgb8
+from rwkvunet_jax.data.image_ops import (IMAGENET_MEAN, IMAGENET_STD, color_jitter, random_resized_crop,
+                                         resize_shorter_and_center_crop)
 from rwkvunet_jax.data.pipeline import prefetched
-from rwkvunet_jax.data.randaugment import (IMAGENET_MEAN, IMAGENET_STD, RandAugmentPolicy, color_jitter,
-                                           rand_augment, random_resized_crop, resize_shorter_and_center_crop)
+from rwkvunet_jax.data.randaugment import RandAugmentPolicy, rand_augment
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 TFDS_SPLITS = {"train": "train", "val": "validation", "validation": "validation"}

@@ -1,4 +1,4 @@
-"""ImageNet training augmentations on PIL images: RandAugment, colour jitter, random resized crop.
+"""RandAugment on PIL images: the operations, their magnitude-to-argument rules and the policy.
 
 Written from the published descriptions (Cubuk et al. 2020, "RandAugment"; the timm policy string
 ``rand-m9-mstd0.5-inc1`` used by the official pretraining): each image gets ``num_ops`` operations
@@ -15,12 +15,12 @@ Posterize keeps ``bits`` in 0..8 most significant bits of each channel. timm's l
 as it did in the reference runs, on every Pillow version.
 
 Every random choice comes from the ``numpy.random.Generator`` passed in, so a grain ``random_map``
-seed makes the whole pipeline reproducible and resumable. Pillow is imported lazily.
+seed makes the whole pipeline reproducible and resumable. Pillow is imported lazily. Crops, colour
+jitter and the ImageNet mean/std are in :mod:`rwkvunet_jax.data.image_ops`.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,11 +28,12 @@ from typing import Any
 
 import numpy as np
 
+from rwkvunet_jax.data.image_ops import IMAGENET_MEAN, random_resample
+
 MAX_LEVEL = 10.0
-# Mean ImageNet pixel: what geometric ops paint into the area they uncover.
-FILL = (124, 116, 104)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# Mean ImageNet pixel, (124, 116, 104): what geometric ops paint into the area they uncover (as timm's
+# create_transform sets img_mean for RandAugment).
+FILL = tuple(round(255 * m) for m in IMAGENET_MEAN)
 
 # Strongest setting of each operation (reached at level 10).
 MAX_ROTATE_DEGREES = 30.0
@@ -48,18 +49,13 @@ def _pil():
     return Image, ImageEnhance, ImageOps
 
 
-def _resample(rng: np.random.Generator):
-    Image, _, _ = _pil()
-    return (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC)[int(rng.integers(2))]
-
-
 def _signed(value: float, rng: np.random.Generator) -> float:
     return -value if rng.random() < 0.5 else value
 
 
 def _affine(img, matrix: Sequence[float], rng: np.random.Generator):
     Image, _, _ = _pil()
-    return img.transform(img.size, Image.Transform.AFFINE, tuple(matrix), resample=_resample(rng),
+    return img.transform(img.size, Image.Transform.AFFINE, tuple(matrix), resample=random_resample(rng),
                          fillcolor=_fill(img))
 
 
@@ -85,7 +81,7 @@ def invert(img, level, rng):
 
 def rotate(img, level, rng):
     degrees = _signed(level / MAX_LEVEL * MAX_ROTATE_DEGREES, rng)
-    return img.rotate(degrees, resample=_resample(rng), fillcolor=_fill(img))
+    return img.rotate(degrees, resample=random_resample(rng), fillcolor=_fill(img))
 
 
 def _point(img, lut: Sequence[int]):
@@ -268,81 +264,3 @@ def rand_augment(img, rng: np.random.Generator, policy: RandAugmentPolicy = Rand
             continue
         img = ops[names[int(index)]](img, draw_level(policy, rng), rng)
     return img
-
-
-# ----------------------------------------------------------------------------- colour jitter
-
-
-def color_jitter(img, rng: np.random.Generator, strength: float = 0.4):
-    """Brightness, contrast and saturation each scaled by U(1 - s, 1 + s), in a random order."""
-    _, ImageEnhance, _ = _pil()
-    enhancers = [ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color]
-    for index in rng.permutation(len(enhancers)):
-        factor = rng.uniform(max(0.0, 1.0 - strength), 1.0 + strength)
-        img = enhancers[int(index)](img).enhance(factor)
-    return img
-
-
-# ----------------------------------------------------------------------------- crops and resizes
-
-
-def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
-                            scale: Sequence[float] = (0.08, 1.0),
-                            ratio: Sequence[float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
-    """``(left, top, crop_width, crop_height)`` covering a random area fraction in ``scale`` with an
-    aspect ratio log-uniform in ``ratio``; after 10 failed draws, the largest central crop whose aspect
-    ratio lies in ``ratio``."""
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            left = int(rng.integers(0, width - w + 1))
-            top = int(rng.integers(0, height - h + 1))
-            return left, top, w, h
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        h, w = height, int(round(height * ratio[1]))
-    else:
-        w, h = width, height
-    return (width - w) // 2, (height - h) // 2, w, h
-
-
-def random_resized_crop(img, size: int, rng: np.random.Generator, *, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                        interpolation: str = "random"):
-    """Crops a random box (:func:`random_resized_crop_box`) and resizes it to ``size`` x ``size``."""
-    left, top, w, h = random_resized_crop_box(img.size[0], img.size[1], rng, scale, ratio)
-    resample = _resample(rng) if interpolation == "random" else resample_filter(interpolation)
-    return img.resize((size, size), resample=resample, box=(left, top, left + w, top + h))
-
-
-def resample_filter(name: str):
-    """The PIL resampling filter called ``name`` (nearest, bilinear, bicubic, lanczos)."""
-    Image, _, _ = _pil()
-    filters = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
-               "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
-    if name not in filters:
-        raise ValueError(f"unknown interpolation {name!r}; choose one of {sorted(filters)} or 'random'")
-    return filters[name]
-
-
-def resize_shorter_and_center_crop(img, size: int, *, crop_pct: float = 0.875, interpolation: str = "bicubic"):
-    """Evaluation view: shorter side to ``int(size / crop_pct)`` (256 for 224), then the central
-    ``size`` x ``size`` crop."""
-    if not 0 < crop_pct <= 1:
-        raise ValueError(f"crop_pct must lie in (0, 1], got {crop_pct}")
-    short = int(math.floor(size / crop_pct))
-    width, height = img.size
-    if width <= height:
-        new_w, new_h = short, int(short * height / width)
-    else:
-        new_w, new_h = int(short * width / height), short
-    img = img.resize((new_w, new_h), resample=resample_filter(interpolation))
-    left = int(round((new_w - size) / 2.0))
-    top = int(round((new_h - size) / 2.0))
-    return img.crop((left, top, left + size, top + size))

@@ -43,7 +43,7 @@ Pytree = Any
 
 def normalize_images(batch: Mapping[str, jax.Array], dtype=None) -> jax.Array:
     """``batch["image"]`` uint8 (..., 3) -> float ``(x / 255 - mean) / std`` with the ImageNet mean and std."""
-    from rwkvunet_jax.data.randaugment import IMAGENET_MEAN, IMAGENET_STD
+    from rwkvunet_jax.data.image_ops import IMAGENET_MEAN, IMAGENET_STD
 
     mean = jnp.asarray(IMAGENET_MEAN, jnp.float32) * 255.0
     std = jnp.asarray(IMAGENET_STD, jnp.float32) * 255.0
