@@ -126,3 +126,30 @@ def test_rand_augment_is_deterministic_per_seed_and_varies_across_seeds():
     assert len(distinct) > 4
     with pytest.raises(ValueError, match="policy"):
         ra.RandAugmentPolicy.parse("rand-x9")
+
+
+def test_policy_strings_take_timms_defaults_for_omitted_fields_and_refuse_unknown_ones():
+    timm_defaults = dict(magnitude=10.0, num_ops=2, magnitude_std=0.0, magnitude_max=10.0, prob=0.5, increasing=False)
+    assert ra.RandAugmentPolicy.parse("rand") == ra.RandAugmentPolicy(**timm_defaults)
+    assert ra.RandAugmentPolicy.parse("rand-n3") == ra.RandAugmentPolicy(**{**timm_defaults, "num_ops": 3})
+    assert ra.RandAugmentPolicy.parse("rand-inc1-mmax15-p0.8-mstd1-m12") == ra.RandAugmentPolicy(
+        magnitude=12.0, num_ops=2, magnitude_std=1.0, magnitude_max=15.0, prob=0.8, increasing=True)
+    for bad, match in (("rand-w0", "'w0'"), ("rand-tweights", "transform sets"), ("rand-m9-m8", "twice"),
+                       ("rand-n2.5", "integer"), ("rand-m1.2.3", "not a number"), ("rand-mmax0", "magnitude_max"),
+                       ("rand-p2", "prob"), ("augmix-m9", "start with 'rand'"), ("rand-", "''")):
+        with pytest.raises(ValueError, match=match):
+            ra.RandAugmentPolicy.parse(bad)
+
+
+def test_level_draws_follow_the_std_rule_and_clip_to_the_ceiling():
+    def levels(policy: str) -> np.ndarray:
+        rng = np.random.default_rng(0)
+        parsed = ra.RandAugmentPolicy.parse(policy)
+        return np.array([ra.draw_level(parsed, rng) for _ in range(4000)])
+
+    assert set(levels("rand-m7")) == {7.0}
+    clipped = levels("rand-m9-mstd3")  # P(N(9, 3) > 10) = 1 - Phi(1/3) = 0.3694 of the draws sit at 10
+    assert clipped.max() == 10.0 and clipped.min() >= 0.0 and abs(np.mean(clipped == 10.0) - 0.3694) < 0.03
+    assert levels("rand-m9-mstd3-mmax20").max() > 12.0  # mmax lifts the ceiling
+    uniform = levels("rand-m8-mstd101")  # std above 100: uniform on [0, magnitude]
+    assert uniform.min() >= 0.0 and uniform.max() <= 8.0 and abs(uniform.mean() - 4.0) < 0.15

@@ -1,12 +1,14 @@
 """RandAugment on PIL images: the operations, their magnitude-to-argument rules and the policy.
 
-Written from the published descriptions (Cubuk et al. 2020, "RandAugment"; the timm policy string
-``rand-m9-mstd0.5-inc1`` used by the official pretraining): each image gets ``num_ops`` operations
-drawn uniformly with replacement, each applied with probability ``prob``, at a magnitude drawn per
-operation from ``N(magnitude, magnitude_std)`` clipped to ``[0, 10]``. ``inc1`` selects the
-"increasing" operation set (:data:`INCREASING_OPS`), where a larger magnitude always means a stronger
-distortion; without it (``inc0``, timm's default) the plain set (:data:`PLAIN_OPS`) is used, whose
-posterize, solarize and enhance ops weaken as the magnitude grows.
+Written from the published descriptions (Cubuk et al. 2020, "RandAugment") and timm's policy strings
+(the official pretraining used ``rand-m9-mstd0.5-inc1``): each image gets ``num_ops`` operations drawn
+uniformly with replacement, each applied with probability ``prob``, at a level drawn per operation
+from ``N(magnitude, magnitude_std)`` (uniform on ``[0, magnitude]`` when the std exceeds 100) and
+clipped to ``[0, magnitude_max]``. ``inc1`` selects the "increasing" operation set
+(:data:`INCREASING_OPS`), where a larger level always means a stronger distortion; without it
+(``inc0``, timm's default) the plain set (:data:`PLAIN_OPS`) is used, whose posterize, solarize and
+enhance ops weaken as the level grows. :meth:`RandAugmentPolicy.parse` reads the policy strings with
+timm's defaults for omitted fields.
 
 Posterize keeps ``bits`` in 0..8 most significant bits of each channel. timm's levels reach 0 bits
 (increasing set at magnitude 10, plain set at magnitude 0); Pillow < 13 computed its mask
@@ -30,12 +32,14 @@ import numpy as np
 
 from rwkvunet_jax.data.image_ops import IMAGENET_MEAN, random_resample
 
-MAX_LEVEL = 10.0
+# Level at which each op reaches the settings below (timm's _LEVEL_DENOM); levels up to 10 unless the
+# policy's ``mmax`` allows more, which extrapolates the same rules.
+LEVEL_SCALE = 10.0
 # Mean ImageNet pixel, (124, 116, 104): what geometric ops paint into the area they uncover (as timm's
 # create_transform sets img_mean for RandAugment).
 FILL = tuple(round(255 * m) for m in IMAGENET_MEAN)
 
-# Strongest setting of each operation (reached at level 10).
+# Setting of each operation at level 10 (the strongest, unless ``mmax`` allows higher levels).
 MAX_ROTATE_DEGREES = 30.0
 MAX_SHEAR = 0.3
 MAX_TRANSLATE_FRACTION = 0.45
@@ -64,7 +68,8 @@ def _fill(img):
 
 
 # ----------------------------------------------------------------------------- operations
-# Each takes (PIL image, level in [0, 10], rng) and returns a PIL image.
+# Each takes (PIL image, level >= 0, rng) and returns a PIL image; the level is 0..10 unless the policy's
+# ``mmax`` allows more, and the clamps below keep timm's arguments for such levels.
 
 
 def auto_contrast(img, level, rng):
@@ -80,7 +85,7 @@ def invert(img, level, rng):
 
 
 def rotate(img, level, rng):
-    degrees = _signed(level / MAX_LEVEL * MAX_ROTATE_DEGREES, rng)
+    degrees = _signed(level / LEVEL_SCALE * MAX_ROTATE_DEGREES, rng)
     return img.rotate(degrees, resample=random_resample(rng), fillcolor=_fill(img))
 
 
@@ -103,11 +108,11 @@ def posterize(img, bits: int):
 
 
 def posterize_increasing(img, level, rng):
-    return posterize(img, 4 - int(level / MAX_LEVEL * 4))  # 4 bits at level 0 down to 0 bits at 10
+    return posterize(img, 4 - int(level / LEVEL_SCALE * 4))  # 4 bits at level 0 down to 0 bits at 10
 
 
 def posterize_plain(img, level, rng):
-    return posterize(img, int(level / MAX_LEVEL * 4))  # 0 bits at level 0 up to 4 bits at 10
+    return posterize(img, int(level / LEVEL_SCALE * 4))  # 0 bits at level 0 up to 4 bits at 10
 
 
 def solarize(img, threshold: int):
@@ -115,25 +120,29 @@ def solarize(img, threshold: int):
     return _point(img, [255 - i if i >= threshold else i for i in range(256)])
 
 
+def _solarize_threshold(level: float) -> int:
+    return min(256, int(level / LEVEL_SCALE * 256))  # 0 at level 0 up to 256 (no pixel) at 10
+
+
 def solarize_increasing(img, level, rng):
-    return solarize(img, 256 - int(level / MAX_LEVEL * 256))
+    return solarize(img, 256 - _solarize_threshold(level))
 
 
 def solarize_plain(img, level, rng):
-    return solarize(img, min(256, int(level / MAX_LEVEL * 256)))
+    return solarize(img, _solarize_threshold(level))
 
 
 def solarize_add(img, level, rng, threshold: int = 128):
-    add = int(level / MAX_LEVEL * MAX_SOLARIZE_ADD)
+    add = min(128, int(level / LEVEL_SCALE * MAX_SOLARIZE_ADD))
     return _point(img, [min(255, i + add) if i < threshold else i for i in range(256)])
 
 
 def _enhancer(name: str, increasing: bool) -> Callable:
     def op(img, level, rng):
-        if increasing:  # 1 +- 0.9 level / 10: no change at level 0
-            factor = 1.0 + _signed(level / MAX_LEVEL * MAX_ENHANCE_DELTA, rng)
+        if increasing:  # 1 +- 0.9 level / 10: no change at level 0, never below 0.1
+            factor = max(0.1, 1.0 + _signed(level / LEVEL_SCALE * MAX_ENHANCE_DELTA, rng))
         else:  # 0.1 at level 0 up to 1.9 at level 10, no random sign
-            factor = level / MAX_LEVEL * 2 * MAX_ENHANCE_DELTA + (1.0 - MAX_ENHANCE_DELTA)
+            factor = level / LEVEL_SCALE * 2 * MAX_ENHANCE_DELTA + (1.0 - MAX_ENHANCE_DELTA)
         return getattr(_pil()[1], name)(img).enhance(factor)
 
     op.__name__ = f"{name.lower()}_{'increasing' if increasing else 'plain'}"
@@ -151,22 +160,22 @@ sharpness_plain = _enhancer("Sharpness", False)
 
 
 def shear_x(img, level, rng):
-    shear = _signed(level / MAX_LEVEL * MAX_SHEAR, rng)
+    shear = _signed(level / LEVEL_SCALE * MAX_SHEAR, rng)
     return _affine(img, (1, shear, 0, 0, 1, 0), rng)
 
 
 def shear_y(img, level, rng):
-    shear = _signed(level / MAX_LEVEL * MAX_SHEAR, rng)
+    shear = _signed(level / LEVEL_SCALE * MAX_SHEAR, rng)
     return _affine(img, (1, 0, 0, shear, 1, 0), rng)
 
 
 def translate_x_rel(img, level, rng):
-    pixels = _signed(level / MAX_LEVEL * MAX_TRANSLATE_FRACTION, rng) * img.size[0]
+    pixels = _signed(level / LEVEL_SCALE * MAX_TRANSLATE_FRACTION, rng) * img.size[0]
     return _affine(img, (1, 0, pixels, 0, 1, 0), rng)
 
 
 def translate_y_rel(img, level, rng):
-    pixels = _signed(level / MAX_LEVEL * MAX_TRANSLATE_FRACTION, rng) * img.size[1]
+    pixels = _signed(level / LEVEL_SCALE * MAX_TRANSLATE_FRACTION, rng) * img.size[1]
     return _affine(img, (1, 0, 0, 0, 1, pixels), rng)
 
 
@@ -206,15 +215,29 @@ PLAIN_OPS: dict[str, Callable] = {
 # ----------------------------------------------------------------------------- RandAugment
 
 
+# timm's section keys: magnitude, number of ops, magnitude std, magnitude ceiling, prob, increasing set.
+_POLICY_FIELD = re.compile(r"(mstd|mmax|inc|m|n|p)(\d[0-9.]*)")
+
+
 @dataclass(frozen=True)
 class RandAugmentPolicy:
-    """Parsed ``rand-m<M>-n<N>-mstd<S>-p<P>-inc<0|1>`` policy (timm's naming)."""
+    """A ``rand-m<M>-n<N>-mstd<S>-mmax<X>-p<P>-inc<0|1>`` policy; the defaults are timm's for omitted fields.
 
-    magnitude: float = 9.0
+    ``magnitude_std`` above 100 means a level drawn uniformly from ``[0, magnitude]`` (timm's rule).
+    """
+
+    magnitude: float = 10.0
     num_ops: int = 2
-    magnitude_std: float = 0.5
+    magnitude_std: float = 0.0
+    magnitude_max: float = LEVEL_SCALE
     prob: float = 0.5
-    increasing: bool = True
+    increasing: bool = False
+
+    def __post_init__(self):
+        if self.magnitude < 0 or self.magnitude_std < 0 or self.magnitude_max <= 0:
+            raise ValueError(f"RandAugment needs magnitude >= 0, magnitude_std >= 0 and magnitude_max > 0, got {self}")
+        if self.num_ops < 0 or not 0.0 <= self.prob <= 1.0:
+            raise ValueError(f"RandAugment needs num_ops >= 0 and prob in [0, 1], got {self}")
 
     @property
     def ops(self) -> dict[str, Callable]:
@@ -223,39 +246,49 @@ class RandAugmentPolicy:
 
     @classmethod
     def parse(cls, policy: str) -> RandAugmentPolicy:
+        """Reads a timm RandAugment string, e.g. ``rand-m9-mstd0.5-inc1``; fields in any order.
+
+        Omitted fields keep timm's defaults (magnitude 10, 2 ops, std 0, ceiling 10, prob 0.5, plain op
+        set). timm's transform sets (``t<name>``: weighted choice, the 3-Augment ops) are not implemented
+        and raise, as does any other unknown or repeated field.
+        """
         parts = policy.split("-")
-        if not parts or parts[0] != "rand":
+        if parts[0] != "rand":
             raise ValueError(f"RandAugment policy must start with 'rand', got {policy!r}")
         values: dict[str, Any] = {}
         for part in parts[1:]:
-            match = re.fullmatch(r"(mstd|inc|m|n|p)([0-9.]+)", part)
+            match = _POLICY_FIELD.fullmatch(part)
             if not match:
-                raise ValueError(f"unknown RandAugment policy field {part!r} in {policy!r}")
+                hint = " (timm's transform sets 't<name>' are not supported)" if part.startswith("t") else ""
+                raise ValueError(f"unknown RandAugment policy field {part!r} in {policy!r}{hint}; "
+                                 "known: m<magnitude>, n<ops>, mstd<std>, mmax<ceiling>, p<prob>, inc<0|1>")
             key, value = match.groups()
-            if key == "m":
-                values["magnitude"] = float(value)
-            elif key == "n":
-                values["num_ops"] = int(value)
-            elif key == "mstd":
-                values["magnitude_std"] = float(value)
-            elif key == "p":
-                values["prob"] = float(value)
-            else:
-                values["increasing"] = bool(int(value))
-        # timm's default without "inc" is the plain set.
-        values.setdefault("increasing", False)
+            name = {"m": "magnitude", "n": "num_ops", "mstd": "magnitude_std", "mmax": "magnitude_max",
+                    "p": "prob", "inc": "increasing"}[key]
+            if name in values:
+                raise ValueError(f"RandAugment policy field {key!r} given twice in {policy!r}")
+            try:
+                number = float(value)
+            except ValueError:
+                raise ValueError(f"RandAugment policy field {part!r} in {policy!r} is not a number") from None
+            if key in ("n", "inc") and number != int(number):
+                raise ValueError(f"RandAugment policy field {part!r} in {policy!r} must be an integer")
+            values[name] = int(number) if key == "n" else bool(number) if key == "inc" else number
         return cls(**values)
 
 
 def draw_level(policy: RandAugmentPolicy, rng: np.random.Generator) -> float:
-    """One operation's level: ``N(magnitude, magnitude_std)`` clipped to [0, 10] (the magnitude if std 0)."""
+    """One operation's level: ``N(magnitude, magnitude_std)`` (the magnitude if std 0, uniform on
+    ``[0, magnitude]`` if std > 100), clipped to ``[0, magnitude_max]``."""
     level = policy.magnitude
-    if policy.magnitude_std > 0:
+    if policy.magnitude_std > 100:
+        level = rng.uniform(0.0, policy.magnitude)
+    elif policy.magnitude_std > 0:
         level = rng.normal(policy.magnitude, policy.magnitude_std)
-    return float(np.clip(level, 0.0, MAX_LEVEL))
+    return float(np.clip(level, 0.0, policy.magnitude_max))
 
 
-def rand_augment(img, rng: np.random.Generator, policy: RandAugmentPolicy = RandAugmentPolicy()):
+def rand_augment(img, rng: np.random.Generator, policy: RandAugmentPolicy):
     """Applies ``policy.num_ops`` random operations of ``policy.ops`` to an 8-bit PIL image (L or RGB)."""
     ops = policy.ops
     names = list(ops)
