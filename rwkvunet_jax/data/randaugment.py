@@ -197,18 +197,24 @@ INCREASING_OPS: dict[str, Callable] = {
     "TranslateYRel": translate_y_rel,
 }
 
-# timm's ``_RAND_TRANSFORMS`` (policy without ``inc1``): the same operations, but posterize, solarize and
-# the four enhancers use the original levels that weaken as the magnitude grows.
+# timm's ``_RAND_TRANSFORMS`` in its order (policy without ``inc1``): the same operations, but posterize,
+# solarize and the four enhancers use the original levels that weaken as the magnitude grows.
 PLAIN_OPS: dict[str, Callable] = {
-    **{k: v for k, v in INCREASING_OPS.items()
-       if k in ("AutoContrast", "Equalize", "Invert", "Rotate", "SolarizeAdd")},
+    "AutoContrast": auto_contrast,
+    "Equalize": equalize,
+    "Invert": invert,
+    "Rotate": rotate,
     "Posterize": posterize_plain,
     "Solarize": solarize_plain,
+    "SolarizeAdd": solarize_add,
     "Color": color_plain,
     "Contrast": contrast_plain,
     "Brightness": brightness_plain,
     "Sharpness": sharpness_plain,
-    **{k: v for k, v in INCREASING_OPS.items() if k in ("ShearX", "ShearY", "TranslateXRel", "TranslateYRel")},
+    "ShearX": shear_x,
+    "ShearY": shear_y,
+    "TranslateXRel": translate_x_rel,
+    "TranslateYRel": translate_y_rel,
 }
 
 
