@@ -95,7 +95,8 @@ def _point(img, lut: Sequence[int]):
 
 
 def posterize(img, bits: int):
-    """Keeps the ``bits`` (0..8) most significant bits of every channel; 0 bits gives a black image.
+    """Keeps the ``bits`` (0..8) most significant bits of every channel; 0 bits gives a black image, and
+    so do the negative counts the increasing op reaches above level 10 (``mmax``), as in Pillow < 13.
 
     Pillow's own mask (``~(2 ** (8 - bits) - 1)``) in a lookup table of ours, because Pillow >= 13
     refuses ``bits=0``, which timm's levels produce (see the module docstring).
