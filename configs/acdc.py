@@ -38,9 +38,13 @@ PAPER = {"t": 90.92, "s": 91.64, "b": 92.17}
 
 def get_config(arg=None):
     size, recipe = common.parse_arg(arg, recipes=("official", "feb2025"))
+    # Paper time (default and feb2025): TransUNet's rot90/flip or rotation in [-20, 19] degrees, nearest image
+    # resize (the Feb 2025 ACDC dataset used order 0, unlike Synapse's cubic); official: the Oct 2025 recipe.
+    augment = dict(augment="acdc", image_order=0, rotate_degrees=30) if recipe == "official" else \
+        dict(augment="transunet", image_order=0, rotate_degrees=20)
     c = common.base_config(dataset="acdc", size=size, root="data/ACDC", num_classes=4, in_chans=1,
-                           image_size=(224, 224), augment="acdc", protocol="volume",
-                           class_names=("background", "RV", "Myo", "LV"))
+                           image_size=(224, 224), protocol="volume", class_names=("background", "RV", "Myo", "LV"),
+                           **augment)
     c.epochs = 150
     c.batch_size = 24
     c.optim.lr = 5e-4

@@ -31,7 +31,8 @@ common = types.SimpleNamespace(**runpy.run_path(str(pathlib.Path(__file__).with_
 def get_config(arg=None):
     size, _ = common.parse_arg(arg or "t")
     c = common.base_config(dataset="phantom", size=size, root="runs/demo/data", num_classes=5, in_chans=1,
-                           image_size=(64, 64), augment="synapse", protocol="image",
+                           image_size=(64, 64), augment="synapse", image_order=0,
+                           rotate_degrees=0, protocol="image",
                            class_names=("background", "liver", "kidney", "spleen", "vessel"))
     # The generated dataset (written by `rwkvunet demo` into WORKDIR/data).
     c.phantom = common.ml_collections.ConfigDict(

@@ -34,9 +34,12 @@ CLASS_NAMES = ("background", "aorta", "gallbladder", "kidney_left", "kidney_righ
 def get_config(arg=None):
     size, recipe = common.parse_arg(arg)
     official = recipe == "official"
+    # Paper time: TransUNet's rot90/flip or rotation in [-20, 19] degrees, cubic image resize; Oct 2025: p 0.1
+    # brightness/contrast, p 0.1 crop, nearest resize.
+    augment = dict(augment="synapse", image_order=0, rotate_degrees=0) if official else \
+        dict(augment="transunet", image_order=3, rotate_degrees=20)
     c = common.base_config(dataset="synapse", size=size, root="data/Synapse", num_classes=9, in_chans=1,
-                           image_size=(224, 224), augment="synapse", protocol="volume",
-                           class_names=CLASS_NAMES)
+                           image_size=(224, 224), protocol="volume", class_names=CLASS_NAMES, **augment)
     c.data.val_split = ""
     c.epochs = 30
     c.batch_size = 24

@@ -43,6 +43,8 @@ def test_every_config_and_size_follows_the_paper(dataset, size):
         assert (c.loss.ce_weight, c.loss.dice_weight) == (0.5, 0.5)
         assert (c.model.num_classes, c.model.in_chans, c.eval.protocol, c.eval.tta) == (9, 1, "volume", True)
         assert c.paper.mean_hd95 == pytest.approx({"t": 17.83, "s": 21.16, "b": 15.70}[size])
+        # TransUNet's RandomGenerator of the Jan-Feb 2025 dataset_synapse.py: cubic image resize.
+        assert (c.data.augment, c.data.image_order, c.data.rotate_degrees) == ("transunet", 3, 20)
         assert len(c.class_names) == 9
     elif dataset == "acdc":
         assert (c.data.image_size, c.epochs, c.batch_size) == ((224, 224), 150, 24)
@@ -50,21 +52,25 @@ def test_every_config_and_size_follows_the_paper(dataset, size):
         assert (c.loss.ce_weight, c.loss.dice_weight) == (0.3, 0.7)
         assert (c.model.num_classes, c.model.in_chans, c.eval.protocol, c.eval.tta) == (4, 1, "volume", True)
         assert c.eval.every_steps == 100 and c.data.val_split == "val"
+        # The Jan-Feb 2025 dataset_acdc.py: the same RandomGenerator but a nearest image resize.
+        assert (c.data.augment, c.data.image_order, c.data.rotate_degrees) == ("transunet", 0, 20)
     else:
         assert (c.data.image_size, c.epochs, c.batch_size) == ((256, 256), 300, 8)
         assert (c.optim.lr, c.optim.min_lr) == (1e-4, 1e-5)
         assert (c.loss.ce_weight, c.loss.dice_weight) == (0.5, 1.0)
         assert (c.model.num_classes, c.model.in_chans, c.eval.protocol) == (1, 3, "image")
-        assert c.data.augment == "binary"
+        assert (c.data.augment, c.data.image_order, c.data.rotate_degrees) == ("binary", 1, 15)
 
 
 def test_official_options_reproduce_the_official_scripts():
     synapse = load("synapse", "b,official")
     assert synapse.optim.schedule == "poly" and synapse.optim.poly_power == 0.9 and not synapse.eval.tta
+    assert (synapse.data.augment, synapse.data.image_order) == ("synapse", 0)
     acdc = load("acdc", "s,official")
     assert acdc.optim.schedule == "cosine_restarts" and acdc.optim.min_lr == 1e-6
     assert (acdc.loss.ce_weight, acdc.loss.dice_weight, acdc.loss.ignore_index) == (0.2, 0.8, 4)
     assert acdc.optim.weight_decay == 1.5e-4
+    assert (acdc.data.augment, acdc.data.image_order, acdc.data.rotate_degrees) == ("acdc", 0, 30)
 
 
 def test_every_field_can_be_overridden_on_the_command_line():
