@@ -66,7 +66,7 @@ def get_config(arg=None):
         c.loss.ce_weight, c.loss.dice_weight = 0.3, 0.7
     c.eval.every_steps = 100
     c.eval.every_epochs = 0.0
-    c.eval.tta = recipe != "official"
+    c.eval.tta = "none" if recipe == "official" else "hflip_logits"
     c.eval.batch_size = 24
     c.paper.mean_dice = PAPER[size]
     return c

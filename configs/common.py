@@ -39,8 +39,11 @@ mean the same there):
   bn_group_size      > 0: BatchNorm statistics per group of this many images; 0: the whole batch
   ema_decay          > 0: keep an EMA of the weights; validation, the best checkpoint and the test use it
   eval               protocol ("volume": slice-wise on whole volumes, Dice + HD95 per class; "image": per image),
-                     every_steps / every_epochs (validation cadence; both 0 = off), tta (final test), val_tta,
-                     batch_size, num_overlays
+                     every_steps / every_epochs (validation cadence; both 0 = off), tta (the final test's
+                     test-time augmentation: "none"; "hflip_logits", the paper's protocol: logits averaged over
+                     the identity and a horizontal flip, as the official Jan-Feb 2025 test script's ttach
+                     wrapper; "hv_probs": probabilities averaged over the identity, a horizontal and a vertical
+                     flip), val_tta (the same for validation), batch_size, num_overlays
   checkpoint         every_steps, keep, async_save
   debug              log_batches (a fingerprint per step in WORKDIR/batch_log), sigterm_at_step (rehearsal)
   paper              the numbers the paper reports for this dataset and size (printed next to ours)
@@ -96,7 +99,7 @@ def base_config(*, dataset, size, root, num_classes, in_chans, image_size, augme
     c.ema_decay = 0.0
     c.log_every_steps = 20
     c.eval = ml_collections.ConfigDict(
-        dict(protocol=protocol, every_steps=0, every_epochs=1.0, tta=False, val_tta=False, batch_size=24,
+        dict(protocol=protocol, every_steps=0, every_epochs=1.0, tta="none", val_tta="none", batch_size=24,
              num_overlays=4)
     )
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=2, async_save=True))

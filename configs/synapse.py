@@ -50,7 +50,7 @@ def get_config(arg=None):
     c.loss.ce_weight = 0.5
     c.loss.dice_weight = 0.5
     c.eval.every_epochs = 0.0
-    c.eval.tta = not official
+    c.eval.tta = "none" if official else "hflip_logits"
     c.eval.batch_size = 24
     c.paper.mean_dice, c.paper.mean_hd95 = PAPER[size]
     return c

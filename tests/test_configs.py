@@ -41,7 +41,8 @@ def test_every_config_and_size_follows_the_paper(dataset, size):
         assert (c.data.image_size, c.epochs, c.batch_size) == ((224, 224), 30, 24)
         assert (c.optim.lr, c.optim.min_lr, c.optim.weight_decay) == (1e-3, 0.0, 1e-3)
         assert (c.loss.ce_weight, c.loss.dice_weight) == (0.5, 0.5)
-        assert (c.model.num_classes, c.model.in_chans, c.eval.protocol, c.eval.tta) == (9, 1, "volume", True)
+        assert (c.model.num_classes, c.model.in_chans, c.eval.protocol, c.eval.tta) == (9, 1, "volume",
+                                                                                          "hflip_logits")
         assert c.paper.mean_hd95 == pytest.approx({"t": 17.83, "s": 21.16, "b": 15.70}[size])
         # TransUNet's RandomGenerator of the Jan-Feb 2025 dataset_synapse.py: cubic image resize.
         assert (c.data.augment, c.data.image_order, c.data.rotate_degrees) == ("transunet", 3, 20)
@@ -50,7 +51,8 @@ def test_every_config_and_size_follows_the_paper(dataset, size):
         assert (c.data.image_size, c.epochs, c.batch_size) == ((224, 224), 150, 24)
         assert (c.optim.lr, c.optim.min_lr) == (5e-4, 0.0)
         assert (c.loss.ce_weight, c.loss.dice_weight) == (0.3, 0.7)
-        assert (c.model.num_classes, c.model.in_chans, c.eval.protocol, c.eval.tta) == (4, 1, "volume", True)
+        assert (c.model.num_classes, c.model.in_chans, c.eval.protocol, c.eval.tta) == (4, 1, "volume",
+                                                                                          "hflip_logits")
         assert c.eval.every_steps == 100 and c.data.val_split == "val"
         # The Jan-Feb 2025 dataset_acdc.py: the same RandomGenerator but a nearest image resize.
         assert (c.data.augment, c.data.image_order, c.data.rotate_degrees) == ("transunet", 0, 20)
@@ -64,7 +66,7 @@ def test_every_config_and_size_follows_the_paper(dataset, size):
 
 def test_official_options_reproduce_the_official_scripts():
     synapse = load("synapse", "b,official")
-    assert synapse.optim.schedule == "poly" and synapse.optim.poly_power == 0.9 and not synapse.eval.tta
+    assert synapse.optim.schedule == "poly" and synapse.optim.poly_power == 0.9 and synapse.eval.tta == "none"
     assert (synapse.data.augment, synapse.data.image_order) == ("synapse", 0)
     acdc = load("acdc", "s,official")
     assert acdc.optim.schedule == "cosine_restarts" and acdc.optim.min_lr == 1e-6
@@ -75,8 +77,9 @@ def test_official_options_reproduce_the_official_scripts():
 
 def test_every_field_can_be_overridden_on_the_command_line():
     c = load("synapse", "b", "--config.optim.lr=5e-4", "--config.model.depths=(1,1,2,2)",
-             "--config.data.root=/data/x", "--config.eval.tta=False")
-    assert c.optim.lr == 5e-4 and c.model.depths == (1, 1, 2, 2) and c.data.root == "/data/x" and not c.eval.tta
+             "--config.data.root=/data/x", "--config.eval.tta=hv_probs", "--config.data.image_order=1")
+    assert c.optim.lr == 5e-4 and c.model.depths == (1, 1, 2, 2) and c.data.root == "/data/x"
+    assert c.eval.tta == "hv_probs" and c.data.image_order == 1
 
 
 def test_bad_arguments_raise_clear_errors():
@@ -107,7 +110,7 @@ def test_acdc_feb2025_is_the_official_trainer_when_the_paper_was_made():
     c = load("acdc", "b,feb2025")
     assert (c.optim.schedule, c.optim.period_steps, c.optim.min_lr, c.optim.weight_decay) == (
         "cosine_restarts", 150, 0.0, 1e-4)  # CosineAnnealingLR(T_max=epochs, eta_min=0) stepped per iteration
-    assert (c.loss.ce_weight, c.loss.dice_weight, c.eval.tta) == (0.3, 0.7, True)
+    assert (c.loss.ce_weight, c.loss.dice_weight, c.eval.tta) == (0.3, 0.7, "hflip_logits")
     assert load("acdc", "b,feb2025", "--config.epochs=100").optim.period_steps == 100
     official = load("acdc", "b,official", "--config.epochs=100")
     assert official.optim.period_steps == 75 and official.optim.weight_decay == 1.5e-4  # 3 * epochs // 4

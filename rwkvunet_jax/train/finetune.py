@@ -200,6 +200,17 @@ def validate_config(config: Any) -> None:
         raise ValueError(f"eval.protocol must be 'volume' or 'image', got {config.eval.protocol!r}")
     if not str(config.data.root):
         raise ValueError("data.root is empty: pass --config.data.root=/path/to/the/dataset")
+    from rwkvunet_jax.eval.inference import tta_mode
+
+    for field in ("tta", "val_tta"):
+        try:
+            tta_mode(config.eval[field])
+        except ValueError as err:
+            raise ValueError(f"eval.{field}: {err}") from None
+    try:
+        training_transform(config)
+    except ValueError as err:
+        raise ValueError(f"data.augment / image_order / rotate_degrees: {err}") from None
 
 
 def training_transform(config: Any):
