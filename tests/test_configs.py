@@ -49,7 +49,8 @@ def test_every_config_and_size_follows_the_paper(dataset, size):
         assert len(c.class_names) == 9
     elif dataset == "acdc":
         assert (c.data.image_size, c.epochs, c.batch_size) == ((224, 224), 150, 24)
-        assert (c.optim.lr, c.optim.min_lr) == (5e-4, 0.0)
+        # Per-iteration cosine over the whole run (T_max = 150 epochs) to 0; Jan-Feb 2025 AdamW weight decay.
+        assert (c.optim.lr, c.optim.min_lr, c.optim.weight_decay, c.optim.warmup_steps) == (5e-4, 0.0, 1e-4, 0)
         assert (c.loss.ce_weight, c.loss.dice_weight) == (0.3, 0.7)
         assert (c.model.num_classes, c.model.in_chans, c.eval.protocol, c.eval.tta) == (4, 1, "volume",
                                                                                           "hflip_logits")
@@ -162,3 +163,21 @@ def test_old_field_names_get_a_message_naming_the_new_one():
         check_common_fields(old_file)
     check_common_fields(load("synapse", "b"))
     check_common_fields(load("pretrain_imagenet", "b"))
+
+
+def test_acdc_learning_rates_follow_torch_cosine_annealing_per_iteration():
+    import math
+
+    from rwkvunet_jax.train.optimizer import schedule_from_config
+
+    def torch_cosine(step, t_max, lr=5e-4):  # CosineAnnealingLR's closed form, eta_min 0
+        return lr * (1 + math.cos(math.pi * step / t_max)) / 2
+
+    steps_per_epoch = 55  # ACDC's ~1312 training slices / batch 24
+    total = 150 * steps_per_epoch
+    for preset, t_max in (("b", total), ("b,feb2025", 150)):  # T_max = 150 epochs vs 150 iterations
+        c = load("acdc", preset)
+        schedule = schedule_from_config(c.optim, batch_size=c.batch_size, steps_per_epoch=steps_per_epoch,
+                                        total_steps=total)
+        for step in (0, 75, 150, 300, 1000, total // 2, total - 1):
+            assert float(schedule(step)) == pytest.approx(torch_cosine(step, t_max), rel=1e-4, abs=1e-9), (preset, step)
