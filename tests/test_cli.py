@@ -124,7 +124,8 @@ def test_bad_override_values_and_the_space_separated_form(tmp_path, capsys):
     assert line.startswith("rwkvunet finetune: bad override --config.optim.lr=fast:")
     overrides, rest = split_overrides(["--config.optim.lr", "5e-4", "--workdir", "w",
                                        "--config.checkpoint.async_save=False"])
-    assert overrides == ["--config.optim.lr=5e-4", "--config.checkpoint.async_save=False"] and rest == ["--workdir", "w"]
+    assert overrides == ["--config.optim.lr=5e-4", "--config.checkpoint.async_save=False"]
+    assert rest == ["--workdir", "w"]
     config = load_config(f"{SYNAPSE}:b", overrides)
     assert config.optim.lr == 5e-4 and config.checkpoint.async_save is False
 

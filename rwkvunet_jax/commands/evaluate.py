@@ -9,8 +9,8 @@ one step directory or a standalone model checkpoint. Synapse/ACDC: slice-wise in
 cases then classes. Test-time augmentation (default: the config's ``eval.tta``): ``--tta`` is the paper's
 protocol, ``hflip_logits`` (logits averaged over the identity and a horizontal flip, as the official test
 script's ttach wrapper), ``--no-tta`` is ``none``, ``--tta-mode hv_probs`` averages the probabilities over
-the identity, a horizontal and a vertical flip. Binary datasets: Dice and IoU per image and their means. Writes metrics.json,
-metrics.csv and overlays/ (the worst, median and best cases by Dice) into --outdir (default:
+the identity, a horizontal and a vertical flip. Binary datasets: Dice and IoU per image and their means.
+Writes metrics.json, metrics.csv and overlays/ (the worst, median and best cases by Dice) into --outdir (default:
 <checkpoint work directory>/eval_<split>, where `rwkvunet finetune` writes its own test evaluation) and prints
 a table.
 """
