@@ -18,7 +18,7 @@ any k in 0..3 also for non-square slices (ACDC's), whose height and width then s
 * ``acdc`` (official trainer, Oct 2025): p=0.5 rot90 + flip, p=0.3 rotation in [-d, d - 1] (d = 30; order 0,
   same size), p=0.3 brightness/contrast, p=0.3 random crop, then the resize (nearest).
 * ``binary`` (our choice; the official code gives no recipe for the binary datasets): the resize first
-  (bilinear; the native images are up to 1920x1072), then p=0.5 horizontal flip, p=0.5 vertical flip,
+  (bilinear, also for the rotation below; the native images are up to 1920x1072), then p=0.5 horizontal flip, p=0.5 vertical flip,
   rot90 by a uniform k (k in {0, 2} for non-square sizes), p=0.3 rotation by U(-d, d) degrees (d = 15;
   bilinear image, nearest label, zero fill), p=0.3 brightness/contrast.
 * ``none``: the resize only (bilinear image, nearest label). No rotation.
@@ -53,9 +53,10 @@ def resize_pair(image: np.ndarray, label: np.ndarray, size: tuple[int, int], ima
     return resize(image, size, image_order).astype(np.float32), resize(label, size, 0).astype(np.int32)
 
 
-def rot90_flip(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, *, square: bool = True) -> ImageLabel:
-    """Rotation by k * 90 degrees then a flip along a random axis (TransUNet ``random_rot_flip``)."""
-    k = int(rng.integers(0, 4)) if square else 2 * int(rng.integers(0, 2))
+def rot90_flip(image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> ImageLabel:
+    """Rotation by k * 90 degrees (k in 0..3; a non-square slice swaps its sides) then a flip along a random
+    axis (TransUNet ``random_rot_flip``)."""
+    k = int(rng.integers(0, 4))
     axis = int(rng.integers(0, 2))
     image, label = np.rot90(image, k, axes=(0, 1)), np.rot90(label, k, axes=(0, 1))
     return np.flip(image, axis).copy(), np.flip(label, axis).copy()
@@ -110,7 +111,7 @@ def official_angle(rng: np.random.Generator, degrees: int) -> int:
 def transunet_recipe(image, label, rng, *, size, image_order: int = 3, rotate_degrees: int = 20) -> ImageLabel:
     """TransUNet's ``RandomGenerator``, the paper-time Synapse / ACDC recipe (see the module docstring)."""
     if rng.random() > 0.5:
-        image, label = rot90_flip(image, label, rng)  # any k: the resize comes after
+        image, label = rot90_flip(image, label, rng)
     elif rng.random() > 0.5:
         image, label = rotate(image, label, official_angle(rng, rotate_degrees), image_order=0)
     return resize_pair(image, label, size, image_order=image_order)
@@ -129,7 +130,7 @@ def synapse_recipe(image, label, rng, *, size, image_order: int = 0, rotate_degr
 def acdc_recipe(image, label, rng, *, size, image_order: int = 0, rotate_degrees: int = 30) -> ImageLabel:
     """The official ACDC training augmentation of Oct 2025 (see the module docstring)."""
     if rng.random() < 0.5:
-        image, label = rot90_flip(image, label, rng)  # any k: the resize comes after
+        image, label = rot90_flip(image, label, rng)
     if rng.random() < 0.3:
         image, label = rotate(image, label, official_angle(rng, rotate_degrees), image_order=0)
     if rng.random() < 0.3:
