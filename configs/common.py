@@ -12,7 +12,12 @@ mean the same there):
   class_names        background first; used in metric tables
   data.root          dataset directory; data.list_dir the folder of its list files (synapse, acdc; "" = beside
                      the data, e.g. TransUNet's lists/lists_Synapse in its checkout); data.image_size (H, W)
-                     network input; data.augment recipe;
+                     network input; data.augment the training augmentation recipe ("transunet": p 0.5 rot90 +
+                     flip, else p 0.5 rotation, the paper-time Synapse/ACDC recipe; "synapse", "acdc": the
+                     official Oct 2025 recipes; "binary"; "none"; see rwkvunet_jax.data.augment);
+                     data.image_order the spline order of the image resize (0 nearest, 1 bilinear, 3 cubic;
+                     labels are always nearest); data.rotate_degrees d, the rotation range ([-d, d - 1] integer
+                     degrees in the official recipes, U(-d, d) in "binary"; unused by "synapse" and "none");
                      data.split_seed (8:1:1 splits); data.{train,val,test}_split ("" = none);
                      data.worker_count (grain worker processes; 0 = threads only, -1 = CPU cores - 2);
                      data.max_bad_fraction: a training example that cannot be read or augmented is logged and
@@ -34,8 +39,11 @@ mean the same there):
   bn_group_size      > 0: BatchNorm statistics per group of this many images; 0: the whole batch
   ema_decay          > 0: keep an EMA of the weights; validation, the best checkpoint and the test use it
   eval               protocol ("volume": slice-wise on whole volumes, Dice + HD95 per class; "image": per image),
-                     every_steps / every_epochs (validation cadence; both 0 = off), tta (final test), val_tta,
-                     batch_size, num_overlays
+                     every_steps / every_epochs (validation cadence; both 0 = off), tta (the final test's
+                     test-time augmentation: "none"; "hflip_logits", the paper's protocol: logits averaged over
+                     the identity and a horizontal flip, as the official Jan-Feb 2025 test script's ttach
+                     wrapper; "hv_probs": probabilities averaged over the identity, a horizontal and a vertical
+                     flip), val_tta (the same for validation), batch_size, num_overlays
   checkpoint         every_steps, keep, async_save
   debug              log_batches (a fingerprint per step in WORKDIR/batch_log), sigterm_at_step (rehearsal)
   paper              the numbers the paper reports for this dataset and size (printed next to ours)
@@ -59,13 +67,15 @@ def parse_arg(arg, recipes=("official",)):
     return size, extra[0] if extra else ""
 
 
-def base_config(*, dataset, size, root, num_classes, in_chans, image_size, augment, protocol, class_names):
+def base_config(*, dataset, size, root, num_classes, in_chans, image_size, augment, image_order, rotate_degrees,
+                protocol, class_names):
     """The fields every fine-tuning config has, with neutral defaults the dataset configs then set."""
     c = ml_collections.ConfigDict()
     c.dataset = dataset
     c.class_names = tuple(class_names)
     c.data = ml_collections.ConfigDict(
-        dict(root=root, image_size=tuple(image_size), augment=augment, split_seed=0,
+        dict(root=root, image_size=tuple(image_size), augment=augment, image_order=int(image_order),
+             rotate_degrees=int(rotate_degrees), split_seed=0,
              train_split="train", val_split="val", test_split="test", worker_count=0,
              max_bad_fraction=0.01, bad_fraction_min_examples=1000, list_dir="")
     )
@@ -89,7 +99,7 @@ def base_config(*, dataset, size, root, num_classes, in_chans, image_size, augme
     c.ema_decay = 0.0
     c.log_every_steps = 20
     c.eval = ml_collections.ConfigDict(
-        dict(protocol=protocol, every_steps=0, every_epochs=1.0, tta=False, val_tta=False, batch_size=24,
+        dict(protocol=protocol, every_steps=0, every_epochs=1.0, tta="none", val_tta="none", batch_size=24,
              num_overlays=4)
     )
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=2, async_save=True))
@@ -108,7 +118,8 @@ def binary_config(*, dataset, size, root, paper_dice):
     mean over the test split).
     """
     c = base_config(dataset=dataset, size=size, root=root, num_classes=1, in_chans=3, image_size=(256, 256),
-                    augment="binary", protocol="image", class_names=("background", "foreground"))
+                    augment="binary", image_order=1, rotate_degrees=15, protocol="image",
+                    class_names=("background", "foreground"))
     c.epochs = 300
     c.batch_size = 8
     c.optim.lr = 1e-4

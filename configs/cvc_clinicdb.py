@@ -7,6 +7,8 @@ r"""CVC-ClinicDB colonoscopy polyps, the paper's Table 5 (binary segmentation).
 Data: ``Original/`` + ``Ground Truth/`` (tif or png); split 8:1:1 by ``data.split_seed``.
 Recipe: the paper's for the binary datasets, ``binary_config`` in configs/common.py (256x256 RGB, 300
 epochs, batch 8, AdamW lr 1e-4 cosine to 1e-5, sigmoid output with 0.5 BCE + 1 Dice, best validation Dice tested).
+Augmentation ``binary`` (flips, rot90, small rotations, brightness/contrast) is our choice: neither the
+paper nor the official code gives one. No TTA (the paper uses it for Synapse and ACDC only).
 The paper averages three random splits: repeat with ``--config.data.split_seed=1`` and ``=2``.
 
 Paper (Dice %): RWKV-UNet (b) 95.26 +- 0.70, -S 95.58 +- 0.69, -T 95.05 +- 0.67 (mean +- std over three random splits).

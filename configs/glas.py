@@ -8,6 +8,8 @@ Data: ``train_<n>.bmp`` + ``train_<n>_anno.bmp``, ``testA_*``/``testB_*``; offic
 9:1 into train/val by ``data.split_seed``.
 Recipe: the paper's for the binary datasets, ``binary_config`` in configs/common.py (256x256 RGB, 300
 epochs, batch 8, AdamW lr 1e-4 cosine to 1e-5, sigmoid output with 0.5 BCE + 1 Dice, best validation Dice tested).
+Augmentation ``binary`` (flips, rot90, small rotations, brightness/contrast) is our choice: neither the
+paper nor the official code gives one. No TTA (the paper uses it for Synapse and ACDC only).
 The paper averages three random splits: repeat with ``--config.data.split_seed=1`` and ``=2``.
 
 Paper (Dice %): RWKV-UNet (b) 92.35 +- 0.07, -S 92.11 +- 0.16, -T 91.96 +- 0.31 (mean +- std over three random splits).

@@ -7,6 +7,8 @@ r"""ISIC 2017 skin lesions, the paper's Table 5 (binary segmentation).
 Data: ``ISIC-2017_{Training,Validation,Test_v2}_Data`` + ``..._Part1_GroundTruth`` (official splits: 2000 / 150 / 600).
 Recipe: the paper's for the binary datasets, ``binary_config`` in configs/common.py (256x256 RGB, 300
 epochs, batch 8, AdamW lr 1e-4 cosine to 1e-5, sigmoid output with 0.5 BCE + 1 Dice, best validation Dice tested).
+Augmentation ``binary`` (flips, rot90, small rotations, brightness/contrast) is our choice: neither the
+paper nor the official code gives one. No TTA (the paper uses it for Synapse and ACDC only).
 
 Paper (Dice %): RWKV-UNet (b) 85.32, -S 86.38, -T 85.59.
 """

@@ -23,9 +23,9 @@ FLAGS = {
     "demo": ["--workdir", "--config", "--steps", "--num-train", "--num-val", "--num-test", "--image-size",
              "--batch-size", "--seed", "--no-export", "--no-progress", "--config.FIELD=VALUE"],
     "finetune": ["--config", "--workdir", "--no-progress", "--config.FIELD=VALUE"],
-    "evaluate": ["--config", "--checkpoint", "--split", "--tta", "--no-tta", "--outdir", "--no-progress",
+    "evaluate": ["--config", "--checkpoint", "--split", "--tta", "--no-tta", "--tta-mode", "--outdir", "--no-progress",
                  "--config.FIELD=VALUE"],
-    "predict": ["--checkpoint", "--outdir", "--image-size", "--window", "--tta", "--batch-size"],
+    "predict": ["--checkpoint", "--outdir", "--image-size", "--window", "--tta", "--tta-mode", "--batch-size"],
     "pretrain": ["--config", "--workdir", "--distributed", "--coordinator-address", "--num-processes",
                  "--process-id", "--cpu-collectives", "--no-progress", "--config.FIELD=VALUE"],
     "convert": ["--from", "--to", "--model", "--num-classes", "--in-chans", "--override", "--encoder-only",
@@ -122,10 +122,12 @@ def test_bad_override_values_and_the_space_separated_form(tmp_path, capsys):
     line = fails(capsys, ["finetune", "--config", f"{SYNAPSE}:b", "--workdir", str(tmp_path),
                           "--config.optim.lr=fast"])
     assert line.startswith("rwkvunet finetune: bad override --config.optim.lr=fast:")
-    overrides, rest = split_overrides(["--config.optim.lr", "5e-4", "--workdir", "w", "--config.eval.tta=False"])
-    assert overrides == ["--config.optim.lr=5e-4", "--config.eval.tta=False"] and rest == ["--workdir", "w"]
+    overrides, rest = split_overrides(["--config.optim.lr", "5e-4", "--workdir", "w",
+                                       "--config.checkpoint.async_save=False"])
+    assert overrides == ["--config.optim.lr=5e-4", "--config.checkpoint.async_save=False"]
+    assert rest == ["--workdir", "w"]
     config = load_config(f"{SYNAPSE}:b", overrides)
-    assert config.optim.lr == 5e-4 and config.eval.tta is False
+    assert config.optim.lr == 5e-4 and config.checkpoint.async_save is False
 
 
 def test_step_bar_says_compiling_then_times_from_the_first_step():

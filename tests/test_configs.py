@@ -41,36 +41,46 @@ def test_every_config_and_size_follows_the_paper(dataset, size):
         assert (c.data.image_size, c.epochs, c.batch_size) == ((224, 224), 30, 24)
         assert (c.optim.lr, c.optim.min_lr, c.optim.weight_decay) == (1e-3, 0.0, 1e-3)
         assert (c.loss.ce_weight, c.loss.dice_weight) == (0.5, 0.5)
-        assert (c.model.num_classes, c.model.in_chans, c.eval.protocol, c.eval.tta) == (9, 1, "volume", True)
+        assert (c.model.num_classes, c.model.in_chans, c.eval.protocol, c.eval.tta) == (9, 1, "volume",
+                                                                                          "hflip_logits")
         assert c.paper.mean_hd95 == pytest.approx({"t": 17.83, "s": 21.16, "b": 15.70}[size])
+        # TransUNet's RandomGenerator of the Jan-Feb 2025 dataset_synapse.py: cubic image resize.
+        assert (c.data.augment, c.data.image_order, c.data.rotate_degrees) == ("transunet", 3, 20)
         assert len(c.class_names) == 9
     elif dataset == "acdc":
         assert (c.data.image_size, c.epochs, c.batch_size) == ((224, 224), 150, 24)
-        assert (c.optim.lr, c.optim.min_lr) == (5e-4, 0.0)
+        # Per-iteration cosine over the whole run (T_max = 150 epochs) to 0; Jan-Feb 2025 AdamW weight decay.
+        assert (c.optim.lr, c.optim.min_lr, c.optim.weight_decay, c.optim.warmup_steps) == (5e-4, 0.0, 1e-4, 0)
         assert (c.loss.ce_weight, c.loss.dice_weight) == (0.3, 0.7)
-        assert (c.model.num_classes, c.model.in_chans, c.eval.protocol, c.eval.tta) == (4, 1, "volume", True)
+        assert (c.model.num_classes, c.model.in_chans, c.eval.protocol, c.eval.tta) == (4, 1, "volume",
+                                                                                          "hflip_logits")
         assert c.eval.every_steps == 100 and c.data.val_split == "val"
+        # The Jan-Feb 2025 dataset_acdc.py: the same RandomGenerator but a nearest image resize.
+        assert (c.data.augment, c.data.image_order, c.data.rotate_degrees) == ("transunet", 0, 20)
     else:
         assert (c.data.image_size, c.epochs, c.batch_size) == ((256, 256), 300, 8)
         assert (c.optim.lr, c.optim.min_lr) == (1e-4, 1e-5)
         assert (c.loss.ce_weight, c.loss.dice_weight) == (0.5, 1.0)
         assert (c.model.num_classes, c.model.in_chans, c.eval.protocol) == (1, 3, "image")
-        assert c.data.augment == "binary"
+        assert (c.data.augment, c.data.image_order, c.data.rotate_degrees) == ("binary", 1, 15)
 
 
 def test_official_options_reproduce_the_official_scripts():
     synapse = load("synapse", "b,official")
-    assert synapse.optim.schedule == "poly" and synapse.optim.poly_power == 0.9 and not synapse.eval.tta
+    assert synapse.optim.schedule == "poly" and synapse.optim.poly_power == 0.9 and synapse.eval.tta == "none"
+    assert (synapse.data.augment, synapse.data.image_order) == ("synapse", 0)
     acdc = load("acdc", "s,official")
     assert acdc.optim.schedule == "cosine_restarts" and acdc.optim.min_lr == 1e-6
     assert (acdc.loss.ce_weight, acdc.loss.dice_weight, acdc.loss.ignore_index) == (0.2, 0.8, 4)
     assert acdc.optim.weight_decay == 1.5e-4
+    assert (acdc.data.augment, acdc.data.image_order, acdc.data.rotate_degrees) == ("acdc", 0, 30)
 
 
 def test_every_field_can_be_overridden_on_the_command_line():
     c = load("synapse", "b", "--config.optim.lr=5e-4", "--config.model.depths=(1,1,2,2)",
-             "--config.data.root=/data/x", "--config.eval.tta=False")
-    assert c.optim.lr == 5e-4 and c.model.depths == (1, 1, 2, 2) and c.data.root == "/data/x" and not c.eval.tta
+             "--config.data.root=/data/x", "--config.eval.tta=hv_probs", "--config.data.image_order=1")
+    assert c.optim.lr == 5e-4 and c.model.depths == (1, 1, 2, 2) and c.data.root == "/data/x"
+    assert c.eval.tta == "hv_probs" and c.data.image_order == 1
 
 
 def test_bad_arguments_raise_clear_errors():
@@ -101,7 +111,7 @@ def test_acdc_feb2025_is_the_official_trainer_when_the_paper_was_made():
     c = load("acdc", "b,feb2025")
     assert (c.optim.schedule, c.optim.period_steps, c.optim.min_lr, c.optim.weight_decay) == (
         "cosine_restarts", 150, 0.0, 1e-4)  # CosineAnnealingLR(T_max=epochs, eta_min=0) stepped per iteration
-    assert (c.loss.ce_weight, c.loss.dice_weight, c.eval.tta) == (0.3, 0.7, True)
+    assert (c.loss.ce_weight, c.loss.dice_weight, c.eval.tta) == (0.3, 0.7, "hflip_logits")
     assert load("acdc", "b,feb2025", "--config.epochs=100").optim.period_steps == 100
     official = load("acdc", "b,official", "--config.epochs=100")
     assert official.optim.period_steps == 75 and official.optim.weight_decay == 1.5e-4  # 3 * epochs // 4
@@ -153,3 +163,21 @@ def test_old_field_names_get_a_message_naming_the_new_one():
         check_common_fields(old_file)
     check_common_fields(load("synapse", "b"))
     check_common_fields(load("pretrain_imagenet", "b"))
+
+
+def test_acdc_learning_rates_follow_torch_cosine_annealing_per_iteration():
+    import math
+
+    from rwkvunet_jax.train.optimizer import schedule_from_config
+
+    def torch_cosine(step, t_max, lr=5e-4):  # CosineAnnealingLR's closed form, eta_min 0
+        return lr * (1 + math.cos(math.pi * step / t_max)) / 2
+
+    steps_per_epoch = 55  # ACDC's ~1312 training slices / batch 24
+    total = 150 * steps_per_epoch
+    for preset, t_max in (("b", total), ("b,feb2025", 150)):  # T_max = 150 epochs vs 150 iterations
+        c = load("acdc", preset)
+        schedule = schedule_from_config(c.optim, batch_size=c.batch_size, steps_per_epoch=steps_per_epoch,
+                                        total_steps=total)
+        for step in (0, 75, 150, 300, 1000, total // 2, total - 1):
+            assert float(schedule(step)) == pytest.approx(torch_cosine(step, t_max), rel=1e-4, abs=1e-9), (preset, step)

@@ -391,4 +391,4 @@ def test_dataset_facts():
     assert (data.num_classes("synapse"), data.num_classes("acdc"), data.num_classes("glas")) == (9, 4, 2)
     assert (data.in_channels("synapse"), data.in_channels("kvasir_seg")) == (1, 3)
     assert data.default_image_size("acdc") == (224, 224) and data.default_image_size("busi") == (256, 256)
-    assert data.default_augment("acdc") == "acdc" and data.default_augment("isic2017") == "binary"
+    assert data.default_augment("acdc") == "transunet" and data.default_augment("isic2017") == "binary"

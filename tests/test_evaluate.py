@@ -68,22 +68,47 @@ def test_evaluate_volumes_matches_medpy_mean_over_cases_then_classes():
     assert rows[0]["a_hd95"] == pytest.approx(scores[0, 0, 1], abs=1e-9)
 
 
-def test_flip_tta_averages_probabilities_of_flipped_inputs():
-    def asymmetric(images):  # depends on position, so flipping changes the answer
-        h, w = images.shape[1:3]
-        ramp = np.linspace(-1, 1, w)[None, None, :, None] + np.linspace(0, 0.5, h)[None, :, None, None]
-        return np.concatenate([images[..., :1] + ramp, images[..., :1] - ramp, 0 * ramp + images[..., :1]], -1)
+def _asymmetric(images):  # depends on position (not flip-equivariant), so flipping changes the answer
+    h, w = images.shape[1:3]
+    ramp = np.linspace(-1, 1, w)[None, None, :, None] + np.linspace(0, 0.5, h)[None, :, None, None]
+    return np.concatenate([images[..., :1] + ramp, 2 * images[..., :1] - ramp, 0 * ramp + images[..., :1]], -1)
 
+
+def _softmax64(logits):
+    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_tta_modes_match_numpy_references(channels):
     rng = np.random.default_rng(3)
-    images = rng.normal(size=(3, 8, 8, 1)).astype(np.float32)
-    got = predict_probabilities(asymmetric, images, batch_size=2, tta=True)
-    expected = (probabilities(asymmetric(images))
-                + probabilities(asymmetric(images[:, :, ::-1]))[:, :, ::-1]
-                + probabilities(asymmetric(images[:, ::-1]))[:, ::-1]) / 3
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-    plain = predict_probabilities(asymmetric, images, batch_size=2, tta=False)
-    np.testing.assert_allclose(plain, probabilities(asymmetric(images)), rtol=1e-6)
-    assert np.abs(plain - got).max() > 1e-3
+    images = rng.normal(size=(3, 8, 8, 1))
+
+    def net(x):
+        return _asymmetric(np.asarray(x, np.float64))[..., :channels]
+
+    def probs(logits):  # float64 softmax, or sigmoid for one channel
+        return 1 / (1 + np.exp(-logits)) if channels == 1 else _softmax64(logits)
+
+    hflip = net(images[:, :, ::-1])[:, :, ::-1]  # W flipped in, the output flipped back
+    vflip = net(images[:, ::-1])[:, ::-1]
+    expected = {
+        "none": probs(net(images)),
+        "hflip_logits": probs((net(images) + hflip) / 2),  # ttach's mean of raw outputs, then softmax
+        "hv_probs": (probs(net(images)) + probs(hflip) + probs(vflip)) / 3,
+    }
+    got = {mode: predict_probabilities(net, images.astype(np.float32), batch_size=2, tta=mode) for mode in expected}
+    for mode in expected:
+        np.testing.assert_allclose(got[mode], expected[mode], rtol=1e-5, atol=1e-6, err_msg=mode)
+    assert np.abs(got["hflip_logits"] - got["none"]).max() > 1e-3
+    if channels > 1:  # mean of logits then softmax is not the mean of the softmaxes
+        hflip_probs = (probs(net(images)) + probs(hflip)) / 2
+        assert np.abs(got["hflip_logits"] - hflip_probs).max() > 1e-3
+    # A bool means the paper's mode (True) or none (False); a bad name is refused with the valid ones.
+    np.testing.assert_array_equal(predict_probabilities(net, images, batch_size=2, tta=True), got["hflip_logits"])
+    np.testing.assert_array_equal(predict_probabilities(net, images, batch_size=2, tta=False), got["none"])
+    with pytest.raises(ValueError, match="hflip_logits"):
+        predict_probabilities(net, images, batch_size=2, tta="flips")
 
 
 def test_predict_function_always_sees_the_full_batch_shape():

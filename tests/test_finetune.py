@@ -97,8 +97,7 @@ def test_killed_run_resumes_at_the_saved_step_with_the_same_batches(tmp_path, fi
     source = data.get_source("phantom", phantom_root, "train")
 
     def fresh():
-        return data.train_iterator(source, data.RecipeTransform(config.data.augment, (32, 32)), batch_size=4,
-                                   seed=config.seed)
+        return data.train_iterator(source, finetune.training_transform(config), batch_size=4, seed=config.seed)
 
     uninterrupted = fresh()
     expected = [next(uninterrupted) for _ in range(3)][-1]
@@ -254,7 +253,7 @@ def test_an_exception_in_the_loop_saves_the_last_step_with_its_data_position(tmp
     source = data.get_source("phantom", phantom_root, "train")
 
     def fresh():
-        return real(source, data.RecipeTransform(config.data.augment, (32, 32)), batch_size=4, seed=config.seed)
+        return real(source, finetune.training_transform(config), batch_size=4, seed=config.seed)
 
     uninterrupted = fresh()
     expected = [next(uninterrupted) for _ in range(4)][-1]
@@ -317,3 +316,35 @@ def test_list_dir_reaches_the_readers_of_finetune_and_evaluate(phantom_root, tmp
     with pytest.raises(KeyboardInterrupt):
         finetune.train_and_evaluate(tiny_config(phantom_root, f"--config.data.list_dir={lists}"), tmp_path / "w")
     assert seen == [str(lists)]
+
+
+def test_augmentation_overrides_reach_the_training_transform(phantom_root, tmp_path, monkeypatch):
+    from rwkvunet_jax import data
+
+    seen = []
+
+    def spy(source, transform, **kwargs):
+        seen.append(transform)
+        raise KeyboardInterrupt  # stop before any training
+
+    monkeypatch.setattr(data, "train_iterator", spy)
+    config = tiny_config(phantom_root, "--config.data.augment=transunet", "--config.data.image_order=3",
+                         "--config.data.rotate_degrees=7")
+    with pytest.raises(KeyboardInterrupt):
+        finetune.train_and_evaluate(config, tmp_path / "w")
+    (transform,) = seen
+    assert (transform.recipe, transform.size) == ("transunet", (32, 32))
+    assert transform.options == {"image_order": 3, "rotate_degrees": 7}
+    # The transform really rotates within +-7 degrees and resizes with cubic splines: with a rng whose first
+    # draws pick the rotation branch, the output is the scipy rotation then order-3 zoom of the example.
+    from scipy import ndimage
+
+    image = np.linspace(0.0, 1.0, 40 * 24, dtype=np.float32).reshape(40, 24)
+    label = (image > 0.5).astype(np.int32)
+    seed = next(s for s in range(100) if (lambda r: r.random() <= 0.5 and r.random() > 0.5)(np.random.default_rng(s)))
+    rng = np.random.default_rng(seed)
+    rng.random(), rng.random()
+    angle = int(rng.integers(-7, 7))
+    expected = ndimage.zoom(ndimage.rotate(image, angle, order=0, reshape=False), (32 / 40, 32 / 24), order=3)
+    out = transform({"image": image, "label": label}, np.random.default_rng(seed))
+    np.testing.assert_allclose(out["image"][..., 0], expected, atol=1e-5)

@@ -181,3 +181,22 @@ def test_nifti_with_trailing_singleton_axes_is_squeezed_and_4d_refused(tmp_path,
     assert _run([tmp_path / "t2.nii.gz"], model_dir, tmp_path / "o") == 2
     err = capsys.readouterr().err
     assert "t2.nii.gz has shape (30, 26, 3, 2)" in err and "3-D volumes" in err
+
+
+@pytest.mark.parametrize("flags,mode", [([], "none"), (["--tta"], "hflip_logits"),
+                                        (["--tta-mode", "hv_probs"], "hv_probs")])
+def test_tta_flags_reach_the_predictor(tmp_path, model_dir, monkeypatch, flags, mode):
+    from rwkvunet_jax.eval import predictor as predictor_module
+
+    seen = []
+
+    class Spy(predictor_module.Predictor):
+        def __init__(self, *args, **kwargs):
+            seen.append(kwargs["tta"])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(predictor_module, "Predictor", Spy)
+    np.save(tmp_path / "slice.npy", _smooth((NET, NET), 1).astype(np.float32))
+    assert predict.main([str(tmp_path / "slice.npy"), "--checkpoint", str(model_dir), "--outdir",
+                         str(tmp_path / "out"), *flags]) == 0
+    assert seen == [mode]

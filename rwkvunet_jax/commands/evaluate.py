@@ -1,14 +1,16 @@
 """``rwkvunet evaluate``: evaluate a segmentation checkpoint on a dataset split.
 
-    rwkvunet evaluate --config configs/<dataset>.py:<size> --checkpoint PATH [--split test] [--tta|--no-tta]
-                      [--outdir DIR] [--config.data.root=...]
+    rwkvunet evaluate --config configs/<dataset>.py:<size> --checkpoint PATH [--split test]
+                      [--tta|--no-tta|--tta-mode MODE] [--outdir DIR] [--config.data.root=...]
 
 PATH is a fine-tuning work directory (its best checkpoint, else the latest), a checkpoint manager directory,
 one step directory or a standalone model checkpoint. Synapse/ACDC: slice-wise inference on whole volumes
 (cubic resize to the network size, nearest back), Dice and HD95 per class (TransUNet conventions), mean over
-cases then classes; ``--tta`` averages the softmax over identity, horizontal and vertical flips (default: the
-config's ``eval.tta``). Binary datasets: Dice and IoU per image and their means. Writes metrics.json,
-metrics.csv and overlays/ (the worst, median and best cases by Dice) into --outdir (default:
+cases then classes. Test-time augmentation (default: the config's ``eval.tta``): ``--tta`` is the paper's
+protocol, ``hflip_logits`` (logits averaged over the identity and a horizontal flip, as the official test
+script's ttach wrapper), ``--no-tta`` is ``none``, ``--tta-mode hv_probs`` averages the probabilities over
+the identity, a horizontal and a vertical flip. Binary datasets: Dice and IoU per image and their means.
+Writes metrics.json, metrics.csv and overlays/ (the worst, median and best cases by Dice) into --outdir (default:
 <checkpoint work directory>/eval_<split>, where `rwkvunet finetune` writes its own test evaluation) and prints
 a table.
 """
@@ -19,6 +21,7 @@ import argparse
 from pathlib import Path
 
 from rwkvunet_jax.commands.parsing import CommandError, add_config_argument, command_parser, parse_config_command
+from rwkvunet_jax.eval.inference import TTA_MODES, tta_mode
 
 EXAMPLE = "configs/synapse.py:b (the config the model was fine-tuned with)"
 
@@ -28,8 +31,11 @@ def build_parser():
     add_config_argument(parser, EXAMPLE)
     parser.add_argument("--checkpoint", help="checkpoint or fine-tuning work directory (required)")
     parser.add_argument("--split", help="split to evaluate (default: the config's data.test_split)")
-    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                        help="flip test-time augmentation (default: the config's eval.tta)")
+    tta = parser.add_mutually_exclusive_group()
+    tta.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                     help="--tta: the paper's flip TTA (hflip_logits); --no-tta: none (default: the config's eval.tta)")
+    tta.add_argument("--tta-mode", choices=TTA_MODES, default=None,
+                     help="test-time augmentation mode (default: the config's eval.tta)")
     parser.add_argument("--outdir", help="where metrics and overlays go (default: WORKDIR/eval_<split>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
@@ -51,8 +57,8 @@ def main(argv: list[str]) -> int:
     from rwkvunet_jax.eval.inference import model_predict_fn
 
     split = args.split or config.data.test_split
-    tta = config.eval.tta if args.tta is None else args.tta
     try:
+        tta = tta_mode(args.tta_mode or (config.eval.tta if args.tta is None else args.tta))
         step_dir = ckpt.resolve_checkpoint(args.checkpoint)
         check_model_matches_config(ckpt.read_meta(step_dir).get("model", {}), config)
         model = ckpt.load_model(step_dir)

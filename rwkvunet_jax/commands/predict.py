@@ -36,7 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="network input size (default: the size the checkpoint was trained at, else 224 224)")
     parser.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
                         help="clip the stored values of every input to [LOW, HIGH] and scale to [0, 1]")
-    parser.add_argument("--tta", action="store_true", help="average over identity, horizontal and vertical flips")
+    from rwkvunet_jax.eval.inference import TTA_MODES
+
+    tta = parser.add_mutually_exclusive_group()
+    tta.add_argument("--tta", action="store_true",
+                     help="the paper's test-time augmentation: logits averaged over the identity and a horizontal flip")
+    tta.add_argument("--tta-mode", choices=TTA_MODES, default=None,
+                     help="test-time augmentation mode (hv_probs: probabilities over identity, h and v flips)")
     parser.add_argument("--batch-size", type=int, default=8, help="slices per forward pass (default 8)")
     return parser
 
@@ -44,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from rwkvunet_jax import checkpoint as ckpt
-    from rwkvunet_jax.eval.inference import model_predict_fn
+    from rwkvunet_jax.eval.inference import model_predict_fn, tta_mode
     from rwkvunet_jax.eval.predictor import Predictor, check_input
 
     try:
@@ -61,7 +67,7 @@ def main(argv: list[str]) -> int:
         print(f"rwkvunet predict: {err}", file=sys.stderr)
         return 2
     predictor = Predictor(model_predict_fn(model), in_chans=model.spec.in_chans, image_size=image_size,
-                          batch_size=args.batch_size, tta=args.tta, window=args.window,
+                          batch_size=args.batch_size, tta=tta_mode(args.tta_mode or args.tta), window=args.window,
                           warn=lambda message: print(f"rwkvunet predict: warning: {message}", file=sys.stderr))
     outdir = Path(args.outdir)
     outdir.mkdir(parents=True, exist_ok=True)

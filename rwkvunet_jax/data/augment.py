@@ -4,19 +4,24 @@ Every random choice is drawn from the ``numpy.random.Generator`` passed in (grai
 derives it from the pipeline seed and the example's position), so a recipe is deterministic per seed.
 Labels are only ever moved with nearest-neighbour (order 0) interpolation, so they keep their class set.
 
-Recipes (``RECIPES``), each ending at the network size:
+Recipes (``RECIPES``), each ending at the network size. Two options reach every recipe (the configs'
+``data.image_order`` and ``data.rotate_degrees``): ``image_order`` is the spline order of the image resize
+(0 nearest, 1 bilinear, 3 cubic) and ``rotate_degrees`` = d bounds the random rotation. The official
+recipes draw an integer angle like ``np.random.randint(-d, d)``, i.e. in [-d, d - 1], and their rot90 takes
+any k in 0..3 also for non-square slices (ACDC's), whose height and width then swap before the resize.
 
-* ``synapse`` (official ``RandomGenerator``): p=0.1 brightness/contrast, p=0.1 random crop (ratio
-  U(0.8, 1.2) capped at 1, nearest resize back), then nearest resize of image and label. The official
-  rotation/flip is commented out; ``rot_flip=True`` enables TransUNet's version (p=0.5 rot90 + flip,
-  else p=0.5 rotation by randint(-20, 20) degrees, order 0).
-* ``acdc`` (official trainer): p=0.5 rot90 + flip, p=0.3 rotation by randint(-30, 30) degrees (order 0,
-  same size), p=0.3 brightness/contrast, p=0.3 random crop, then nearest resize.
-* ``binary`` (our choice; the official code gives no recipe for the binary datasets): bilinear resize
-  first (the native images are up to 1920x1072), then p=0.5 horizontal flip, p=0.5 vertical flip,
-  rot90 by a uniform k (k in {0, 2} for non-square sizes), p=0.3 rotation by U(-15, 15) degrees (bilinear
-  image, nearest label, zero fill), p=0.3 brightness/contrast.
-* ``none``: bilinear image and nearest label resize only.
+* ``transunet`` (TransUNet's ``RandomGenerator``, the official Synapse and ACDC recipe of Jan-Feb 2025, the
+  paper's): p=0.5 rot90 + flip, else p=0.5 rotation by an integer angle in [-d, d - 1] (d = 20; order 0 for
+  image and label, same size, zero fill), then the resize (Synapse cubic, ACDC nearest).
+* ``synapse`` (official ``RandomGenerator``, Oct 2025): p=0.1 brightness/contrast, p=0.1 random crop
+  (ratio U(0.8, 1.2) capped at 1, nearest resize back), then the resize (nearest). No rotation.
+* ``acdc`` (official trainer, Oct 2025): p=0.5 rot90 + flip, p=0.3 rotation in [-d, d - 1] (d = 30; order 0,
+  same size), p=0.3 brightness/contrast, p=0.3 random crop, then the resize (nearest).
+* ``binary`` (our choice; the official code gives no recipe for the binary datasets): the resize first
+  (bilinear, also for the rotation below; the native images are up to 1920x1072), then p=0.5 horizontal flip, p=0.5 vertical flip,
+  rot90 by a uniform k (k in {0, 2} for non-square sizes), p=0.3 rotation by U(-d, d) degrees (d = 15;
+  bilinear image, nearest label, zero fill), p=0.3 brightness/contrast.
+* ``none``: the resize only (bilinear image, nearest label). No rotation.
 """
 
 from __future__ import annotations
@@ -48,9 +53,10 @@ def resize_pair(image: np.ndarray, label: np.ndarray, size: tuple[int, int], ima
     return resize(image, size, image_order).astype(np.float32), resize(label, size, 0).astype(np.int32)
 
 
-def rot90_flip(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, *, square: bool = True) -> ImageLabel:
-    """Rotation by k * 90 degrees then a flip along a random axis (TransUNet ``random_rot_flip``)."""
-    k = int(rng.integers(0, 4)) if square else 2 * int(rng.integers(0, 2))
+def rot90_flip(image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> ImageLabel:
+    """Rotation by k * 90 degrees (k in 0..3; a non-square slice swaps its sides) then a flip along a random
+    axis (TransUNet ``random_rot_flip``)."""
+    k = int(rng.integers(0, 4))
     axis = int(rng.integers(0, 2))
     image, label = np.rot90(image, k, axes=(0, 1)), np.rot90(label, k, axes=(0, 1))
     return np.flip(image, axis).copy(), np.flip(label, axis).copy()
@@ -66,11 +72,16 @@ def rotate(image: np.ndarray, label: np.ndarray, angle: float, *, image_order: i
 
 
 def brightness_contrast(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """x * (1 + U(-0.2, 0.2)), then (x - mean) * U(0.8, 1.2) + mean, clipped to [0, 1] ([0, 255] if max > 1)."""
-    high = 255.0 if image.max() > 1.0 else 1.0
+    """x * (1 + U(-0.2, 0.2)), then (x - mean) * U(0.8, 1.2) + mean, then clipped as the official code does.
+
+    The clip range is chosen from the *transformed* image: [0, 1] when its maximum is at most 1, else
+    [0, 255]. So a [0, 1] image brightened past 1 keeps its values above 1 (only negatives are cut), as
+    in the official ``random_brightness_contrast``.
+    """
     image = image * (1.0 + rng.uniform(-0.2, 0.2))
     mean = image.mean()
     image = (image - mean) * rng.uniform(0.8, 1.2) + mean
+    high = 1.0 if image.max() <= 1.0 else 255.0
     return np.clip(image, 0.0, high).astype(np.float32)
 
 
@@ -89,36 +100,49 @@ def random_crop(image: np.ndarray, label: np.ndarray, rng: np.random.Generator) 
 # ----------------------------------------------------------------------------- recipes
 
 
-def synapse_recipe(image, label, rng, *, size, rot_flip: bool = False) -> ImageLabel:
-    """The official Synapse training augmentation (see the module docstring)."""
-    if rot_flip:
-        if rng.random() > 0.5:
-            image, label = rot90_flip(image, label, rng, square=image.shape[0] == image.shape[1])
-        elif rng.random() > 0.5:
-            image, label = rotate(image, label, int(rng.integers(-20, 21)), image_order=0)
+def official_angle(rng: np.random.Generator, degrees: int) -> int:
+    """An integer angle in [-degrees, degrees - 1], as the official ``np.random.randint(-degrees, degrees)``.
+
+    ``degrees`` 0 gives 0 (no draw): the rotation branch still runs but leaves the example as it is.
+    """
+    return int(rng.integers(-degrees, degrees)) if degrees else 0
+
+
+def transunet_recipe(image, label, rng, *, size, image_order: int = 3, rotate_degrees: int = 20) -> ImageLabel:
+    """TransUNet's ``RandomGenerator``, the paper-time Synapse / ACDC recipe (see the module docstring)."""
+    if rng.random() > 0.5:
+        image, label = rot90_flip(image, label, rng)
+    elif rng.random() > 0.5:
+        image, label = rotate(image, label, official_angle(rng, rotate_degrees), image_order=0)
+    return resize_pair(image, label, size, image_order=image_order)
+
+
+def synapse_recipe(image, label, rng, *, size, image_order: int = 0, rotate_degrees: int = 0) -> ImageLabel:
+    """The official Synapse training augmentation of Oct 2025 (see the module docstring); no rotation."""
+    del rotate_degrees
     if rng.random() < 0.1:
         image = brightness_contrast(image, rng)
     if rng.random() < 0.1:
         image, label = random_crop(image, label, rng)
-    return resize_pair(image, label, size, image_order=0)
+    return resize_pair(image, label, size, image_order=image_order)
 
 
-def acdc_recipe(image, label, rng, *, size) -> ImageLabel:
-    """The official ACDC training augmentation (see the module docstring)."""
+def acdc_recipe(image, label, rng, *, size, image_order: int = 0, rotate_degrees: int = 30) -> ImageLabel:
+    """The official ACDC training augmentation of Oct 2025 (see the module docstring)."""
     if rng.random() < 0.5:
-        image, label = rot90_flip(image, label, rng, square=image.shape[0] == image.shape[1])
+        image, label = rot90_flip(image, label, rng)
     if rng.random() < 0.3:
-        image, label = rotate(image, label, int(rng.integers(-30, 31)), image_order=0)
+        image, label = rotate(image, label, official_angle(rng, rotate_degrees), image_order=0)
     if rng.random() < 0.3:
         image = brightness_contrast(image, rng)
     if rng.random() < 0.3:
         image, label = random_crop(image, label, rng)
-    return resize_pair(image, label, size, image_order=0)
+    return resize_pair(image, label, size, image_order=image_order)
 
 
-def binary_recipe(image, label, rng, *, size) -> ImageLabel:
+def binary_recipe(image, label, rng, *, size, image_order: int = 1, rotate_degrees: int = 15) -> ImageLabel:
     """Our augmentation for the binary datasets (see the module docstring)."""
-    image, label = resize_pair(image, label, size, image_order=1)
+    image, label = resize_pair(image, label, size, image_order=image_order)
     if rng.random() < 0.5:
         image, label = image[:, ::-1], label[:, ::-1]
     if rng.random() < 0.5:
@@ -126,19 +150,21 @@ def binary_recipe(image, label, rng, *, size) -> ImageLabel:
     k = int(rng.integers(0, 4)) if size[0] == size[1] else 2 * int(rng.integers(0, 2))
     image, label = np.rot90(image, k, axes=(0, 1)), np.rot90(label, k, axes=(0, 1))
     if rng.random() < 0.3:
-        image, label = rotate(image, label, float(rng.uniform(-15.0, 15.0)), image_order=1)
+        image, label = rotate(image, label, float(rng.uniform(-rotate_degrees, rotate_degrees)),
+                              image_order=image_order)
     if rng.random() < 0.3:
         image = brightness_contrast(image, rng)
     return np.ascontiguousarray(image, np.float32), np.ascontiguousarray(label, np.int32)
 
 
-def no_recipe(image, label, rng, *, size) -> ImageLabel:
-    """Resize only: bilinear image, nearest label."""
-    del rng
-    return resize_pair(image, label, size, image_order=1)
+def no_recipe(image, label, rng, *, size, image_order: int = 1, rotate_degrees: int = 0) -> ImageLabel:
+    """The resize only (see the module docstring)."""
+    del rng, rotate_degrees
+    return resize_pair(image, label, size, image_order=image_order)
 
 
 RECIPES: dict[str, Callable[..., ImageLabel]] = {
+    "transunet": transunet_recipe,
     "synapse": synapse_recipe,
     "acdc": acdc_recipe,
     "binary": binary_recipe,
@@ -165,16 +191,34 @@ def check_size(image_size: Sequence[int]) -> tuple[int, int]:
     return size
 
 
+OPTIONS = ("image_order", "rotate_degrees")
+
+
+def check_options(options: Mapping[str, Any]) -> dict[str, int]:
+    """The recipe options as ints; ValueError naming an unknown option or a bad value."""
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown augmentation option(s) {unknown}; expected some of {OPTIONS}")
+    checked = {name: int(value) for name, value in options.items()}
+    if not 0 <= checked.get("image_order", 0) <= 5:
+        raise ValueError(f"image_order must be a spline order in 0..5 (0 nearest, 1 bilinear, 3 cubic), "
+                         f"got {options['image_order']!r}")
+    if checked.get("rotate_degrees", 0) < 0:
+        raise ValueError(f"rotate_degrees must be >= 0, got {options['rotate_degrees']!r}")
+    return checked
+
+
 class RecipeTransform:
     """Recipe ``recipe`` as a picklable grain random map: (example dict, rng) -> {"image", "label"} at ``size``.
 
-    ``options`` go to the recipe (e.g. ``rot_flip=True`` for synapse).
+    ``options`` (``image_order``, ``rotate_degrees``; see the module docstring) go to the recipe; the ones
+    not given keep the recipe's default.
     """
 
     def __init__(self, recipe: str, size: Sequence[int], **options: Any):
         if recipe not in RECIPES:
             raise ValueError(f"unknown augmentation {recipe!r}; expected one of {tuple(RECIPES)}")
-        self.recipe, self.size, self.options = recipe, check_size(size), dict(options)
+        self.recipe, self.size, self.options = recipe, check_size(size), check_options(options)
 
     def __call__(self, example: Mapping[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
         image, label = augment(self.recipe, example["image"], example["label"], rng, size=self.size, **self.options)

@@ -17,15 +17,15 @@ class DatasetInfo:
     num_classes: int  # including background
     in_channels: int
     image_size: tuple[int, int]  # the paper's network input size
-    augment: str  # recipe of rwkvunet_jax.data.augment
+    augment: str  # the paper-time recipe of rwkvunet_jax.data.augment (what the default configs use)
     splits: tuple[str, ...]
     volumes: tuple[str, ...] = ()  # splits that get_volumes serves
 
 
 _BINARY = DatasetInfo(2, 3, (256, 256), "binary", ("train", "val", "test"))
 INFO: dict[str, DatasetInfo] = {
-    "synapse": DatasetInfo(9, 1, (224, 224), "synapse", ("train", "test"), ("test",)),
-    "acdc": DatasetInfo(4, 1, (224, 224), "acdc", ("train", "val", "test"), ("train", "val", "test")),
+    "synapse": DatasetInfo(9, 1, (224, 224), "transunet", ("train", "test"), ("test",)),
+    "acdc": DatasetInfo(4, 1, (224, 224), "transunet", ("train", "val", "test"), ("train", "val", "test")),
     "busi": _BINARY,
     "cvc_clinicdb": _BINARY,
     "cvc_colondb": _BINARY,

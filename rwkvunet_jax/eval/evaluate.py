@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from rwkvunet_jax.eval.inference import PredictFn
+from rwkvunet_jax.eval.inference import PredictFn, tta_mode
 from rwkvunet_jax.eval.report import format_table, save_overlay_png, write_metrics
 
 
@@ -33,7 +33,7 @@ def evaluate_dataset(
     batch_size: int,
     outdir: str | Path,
     split_seed: int = 0,
-    tta: bool = False,
+    tta: str | bool = "none",
     class_names: Sequence[str] | None = None,
     num_overlays: int = 4,
     paper: Mapping[str, float] | None = None,
@@ -49,6 +49,7 @@ def evaluate_dataset(
 
     if protocol not in ("volume", "image"):
         raise ValueError(f"protocol must be 'volume' or 'image', got {protocol!r}")
+    tta = tta_mode(tta)
     outdir = Path(outdir)
     overlay_dir = outdir / "overlays"
     common = dict(image_size=tuple(image_size), batch_size=batch_size, tta=tta)
@@ -84,7 +85,7 @@ def evaluate_dataset(
                              example["label"], class_names=class_names,
                              title=f"{example['id']}: {rank} of {len(rows)} by Dice ({scores[index]:.3f})")
 
-    summary = {"dataset": dataset, "split": split, "protocol": protocol, "tta": bool(tta), **summary}
+    summary = {"dataset": dataset, "split": split, "protocol": protocol, "tta": tta, **summary}
     if paper:
         reported = {k: float(v) for k, v in paper.items() if v is not None and float(v) >= 0}
         if reported:
@@ -129,7 +130,7 @@ def pick_cases(scores: Sequence[float], count: int) -> list[tuple[int, str]]:
 
 def describe(summary: Mapping[str, Any]) -> str:
     """A printable table of a summary: per class (Dice, HD95) or the binary means, with the paper's numbers."""
-    title = f"{summary.get('dataset', '?')} / {summary.get('split', '?')} (tta={summary.get('tta', False)})"
+    title = f"{summary.get('dataset', '?')} / {summary.get('split', '?')} (tta={summary.get('tta', 'none')})"
     if "per_class" in summary:
         rows = [{"class": name, "dice": v["dice"], "hd95": v["hd95"]} for name, v in summary["per_class"].items()]
         rows.append({"class": "mean", "dice": summary["mean_dice"], "hd95": summary["mean_hd95"]})

@@ -27,7 +27,7 @@ def evaluate_images(
     num_outputs: int,
     image_size: Sequence[int],
     batch_size: int,
-    tta: bool = False,
+    tta: str | bool = "none",
     class_names: Sequence[str] | None = None,
     on_image: Callable[[int, np.ndarray], None] | None = None,
     progress: bool = True,

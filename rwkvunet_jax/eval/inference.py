@@ -1,7 +1,16 @@
-"""Batched inference on numpy images with optional flip test-time augmentation.
+"""Batched inference on numpy images with optional flip test-time augmentation (TTA).
 
 A *predict function* maps a float32 batch (B, H, W, C) at the network size to logits (B, H, W, K)
 (numpy or jax). K = 1 means one sigmoid output (binary); otherwise softmax over K classes.
+
+TTA modes (``TTA_MODES``; the configs' ``eval.tta``):
+
+* ``"none"``: one forward pass.
+* ``"hflip_logits"``: the paper's protocol. The official test script of Jan-Feb 2025 wrapped the model in
+  ``ttach.SegmentationTTAWrapper`` with ``HorizontalFlip`` only and the default merge, the mean of the raw
+  outputs: logits averaged over the identity and the horizontal flip (flipped back), then softmax.
+* ``"hv_probs"``: probabilities averaged over the identity, a horizontal and a vertical flip (each flipped
+  back). Horizontal flips swap left and right organs (the kidneys of Synapse), so the modes differ most there.
 """
 
 from __future__ import annotations
@@ -29,13 +38,27 @@ def labels_from_probabilities(probs: np.ndarray) -> np.ndarray:
     return np.argmax(probs, axis=-1).astype(np.int32)
 
 
-def predict_probabilities(predict_fn: PredictFn, images: np.ndarray, *, batch_size: int, tta: bool = False) -> np.ndarray:
+TTA_MODES = ("none", "hflip_logits", "hv_probs")
+PAPER_TTA = "hflip_logits"
+
+
+def tta_mode(value: str | bool) -> str:
+    """``value`` as a mode of ``TTA_MODES``; a bool means the paper's mode (True) or "none" (False)."""
+    if isinstance(value, (bool, np.bool_)):
+        return PAPER_TTA if value else "none"
+    if value not in TTA_MODES:
+        raise ValueError(f"unknown TTA mode {value!r}; expected one of {', '.join(TTA_MODES)}")
+    return str(value)
+
+
+def predict_probabilities(predict_fn: PredictFn, images: np.ndarray, *, batch_size: int,
+                          tta: str | bool = "none") -> np.ndarray:
     """Class probabilities (N, H, W, K) of ``images`` (N, H, W, C), ``batch_size`` at a time.
 
     The last batch is zero-padded to ``batch_size`` so the predict function sees one shape (one
-    compilation). With ``tta`` the probabilities are averaged over the identity, a horizontal flip and a
-    vertical flip (each flipped back before averaging).
+    compilation). ``tta`` is a mode of ``TTA_MODES`` (see the module docstring) or a bool (:func:`tta_mode`).
     """
+    mode = tta_mode(tta)
     images = np.asarray(images, np.float32)
     if images.ndim != 4:
         raise ValueError(f"expected images of shape (N, H, W, C), got {images.shape}")
@@ -45,14 +68,22 @@ def predict_probabilities(predict_fn: PredictFn, images: np.ndarray, *, batch_si
         real = len(chunk)
         if real < batch_size:
             chunk = np.concatenate([chunk, np.zeros((batch_size - real,) + chunk.shape[1:], chunk.dtype)])
-        probs = probabilities(np.asarray(predict_fn(chunk)))
-        if tta:
-            for axis in (2, 1):  # horizontal (W), then vertical (H) flip
-                flipped = probabilities(np.asarray(predict_fn(np.flip(chunk, axis=axis).copy())))
-                probs = probs + np.flip(flipped, axis=axis)
-            probs = probs / 3.0
-        outputs.append(probs[:real])
+        outputs.append(_merged_probabilities(predict_fn, chunk, mode)[:real])
     return np.concatenate(outputs, axis=0)
+
+
+def _merged_probabilities(predict_fn: PredictFn, chunk: np.ndarray, mode: str) -> np.ndarray:
+    """Probabilities of one batch under TTA ``mode``."""
+
+    def flipped_back(axis: int) -> np.ndarray:  # the output for the flipped input, flipped back
+        return np.flip(np.asarray(predict_fn(np.flip(chunk, axis=axis).copy()), np.float32), axis=axis)
+
+    logits = np.asarray(predict_fn(chunk), np.float32)
+    if mode == "hflip_logits":
+        return probabilities((logits + flipped_back(2)) / 2.0)  # axis 2 = W: a horizontal flip
+    if mode == "hv_probs":
+        return (probabilities(logits) + probabilities(flipped_back(2)) + probabilities(flipped_back(1))) / 3.0
+    return probabilities(logits)
 
 
 def model_predict_fn(model) -> PredictFn:

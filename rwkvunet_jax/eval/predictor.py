@@ -154,7 +154,7 @@ class Predictor:
     ``warn`` receives the notes about suspicious inputs (default: ``warnings.warn`` with :class:`InputWarning`).
     """
 
-    def __init__(self, predict_fn, *, in_chans: int, image_size, batch_size: int, tta: bool, window=None,
+    def __init__(self, predict_fn, *, in_chans: int, image_size, batch_size: int, tta: str | bool, window=None,
                  warn: Callable[[str], None] = _warn):
         self.predict_fn = predict_fn
         self.in_chans = in_chans

@@ -37,7 +37,7 @@ def segment_volume(
     *,
     image_size: Sequence[int],
     batch_size: int,
-    tta: bool = False,
+    tta: str | bool = "none",
 ) -> np.ndarray:
     """Label map (D, H, W) of a volume (D, H, W) or (D, H, W, C), slice by slice at ``image_size``."""
     image = np.asarray(image, np.float32)
@@ -59,7 +59,7 @@ def evaluate_volumes(
     num_classes: int,
     image_size: Sequence[int],
     batch_size: int,
-    tta: bool = False,
+    tta: str | bool = "none",
     class_names: Sequence[str] | None = None,
     on_case: Callable[[Mapping[str, Any], np.ndarray], None] | None = None,
     progress: bool = True,

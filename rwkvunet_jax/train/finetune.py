@@ -84,9 +84,8 @@ def train_and_evaluate(config: Any, workdir: str | Path, *, stop_after_step: int
         raise ValueError(f"the training split of {train_source!r} has {len(train_source)} examples, fewer than "
                          f"one batch of {config.batch_size}")
     total_steps = int(config.total_steps) or int(config.epochs) * steps_per_epoch
-    train_iter = data.train_iterator(train_source, data.RecipeTransform(config.data.augment, config.data.image_size),
-                                     batch_size=config.batch_size, seed=config.seed,
-                                     worker_count=config.data.worker_count)
+    train_iter = data.train_iterator(train_source, training_transform(config), batch_size=config.batch_size,
+                                     seed=config.seed, worker_count=config.data.worker_count)
     eval_every = _eval_interval(config, steps_per_epoch)
 
     # --- model (+ pretrained encoder on a fresh start), optimizer, train state ---------------------------
@@ -201,6 +200,26 @@ def validate_config(config: Any) -> None:
         raise ValueError(f"eval.protocol must be 'volume' or 'image', got {config.eval.protocol!r}")
     if not str(config.data.root):
         raise ValueError("data.root is empty: pass --config.data.root=/path/to/the/dataset")
+    from rwkvunet_jax.eval.inference import tta_mode
+
+    for field in ("tta", "val_tta"):
+        try:
+            tta_mode(config.eval[field])
+        except ValueError as err:
+            raise ValueError(f"eval.{field}: {err}") from None
+    try:
+        training_transform(config)
+    except ValueError as err:
+        raise ValueError(f"data.augment / image_order / rotate_degrees: {err}") from None
+
+
+def training_transform(config: Any):
+    """The training augmentation ``config.data`` names: recipe ``augment`` with its ``image_order`` and
+    ``rotate_degrees``, ending at ``image_size``."""
+    from rwkvunet_jax import data
+
+    return data.RecipeTransform(config.data.augment, config.data.image_size, image_order=config.data.image_order,
+                                rotate_degrees=config.data.rotate_degrees)
 
 
 def build_model(config: Any):
