@@ -46,6 +46,12 @@ Implementations (``impl``):
   forward scan carries the global exclusive prefix P, the within-chunk past sum (P at the chunk start, then
   decayed with the paper's |t-m|-1 rule) and the within-chunk residual S; a reverse scan carries the global
   exclusive suffix F. Because 1 - e^{w} may be negative, the terms are combined only after the scans.
+* ``"chunked"``: ``rwkvunet_jax.kernels.wkv_chunked``: the same sums in chunked matrix form, any backend. The
+  tokens are cut into tiles aligned with the official chunks; within a tile every piece is a triangular 0/1
+  matrix times the tile's scaled keys (matrix products at full float32 precision), and the states entering the
+  tiles come from log-step scans over the T/L tile summaries. No loop grows with T beyond T/L (the lowered
+  forward and gradient hold only loops of log2(L) and log2(T/L) steps); tiles whose keys span more exponent
+  range than float32 allows run row by row instead (``lax.cond``, exact). Hand-written VJPs.
 * ``"pallas"``: the Pallas kernel ``rwkvunet_jax.kernels.bi_wkv.bi_wkv_pallas`` (compiled on GPU, interpret
   mode elsewhere unless ``interpret`` says otherwise).
 * ``"auto"``: ``"pallas"`` when the default backend is a GPU and the kernel imports, else ``"scan"``.
@@ -64,12 +70,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from rwkvunet_jax.kernels.wkv_chunked import bi_wkv_chunked
 from rwkvunet_jax.kernels.wkv_spec import EMPTY_EXPONENT as _EMPTY
 from rwkvunet_jax.kernels.wkv_spec import EPS, NUM_CHUNKS, VARIANTS, check_inputs, chunk_length
 
 __all__ = ["EPS", "IMPLS", "VARIANTS", "NUM_CHUNKS", "bi_wkv", "chunk_length", "resolve_impl"]
 
-IMPLS = ("auto", "naive", "scan", "pallas")
+IMPLS = ("auto", "naive", "scan", "chunked", "pallas")
 _PALLAS_MODULE = "rwkvunet_jax.kernels.bi_wkv"
 # Elements of one (B, query rows, T, channels) block of the dense evaluation (float32: 64 MiB per temporary).
 _NAIVE_BLOCK_ELEMENTS = 1 << 24
@@ -99,10 +106,10 @@ def bi_wkv(
     """Bidirectional WKV of keys ``k`` and values ``v`` (B, T, C) with per-channel decay ``w`` and bonus ``u`` (C,).
 
     Returns (B, T, C) in ``k``'s dtype; the arithmetic is float32 (float64 for float64 inputs). ``impl`` is
-    one of ``"auto" | "naive" | "scan" | "pallas"`` and ``variant`` one of ``"official" | "paper"`` (see the
-    module docstring for the exact formulas). ``interpret`` is passed to the Pallas kernel when it runs
-    (``None``: compiled on GPU, interpret mode elsewhere); ``impl="naive"`` and ``"scan"`` reject it, and
-    ``"auto"`` ignores it when it picks the scan.
+    one of ``"auto" | "naive" | "scan" | "chunked" | "pallas"`` and ``variant`` one of ``"official" | "paper"``
+    (see the module docstring for the exact formulas). ``interpret`` is passed to the Pallas kernel when it runs
+    (``None``: compiled on GPU, interpret mode elsewhere); the XLA forms (``"naive"``, ``"scan"``, ``"chunked"``)
+    reject it, and ``"auto"`` ignores it when it picks one of them.
     """
     w, u, k, v = _validate(w, u, k, v, impl, variant)
     chosen = resolve_impl(impl)
@@ -112,6 +119,8 @@ def bi_wkv(
     if interpret is not None and impl != "auto":
         raise ValueError(f"bi_wkv: interpret={interpret!r} only applies to impl='pallas', got impl={impl!r}")
     compute = _compute_dtype(w, u, k, v)
+    if chosen == "chunked":
+        return bi_wkv_chunked(w, u, k, v, variant=variant)
     if chosen == "naive":
         return _naive(w, u, k, v, variant=variant, compute_dtype=compute)
     return _scan(w, u, k, v, variant=variant, compute_dtype=compute)
