@@ -52,9 +52,12 @@ Implementations (``impl``):
   tiles come from log-step scans over the T/L tile summaries. No loop grows with T beyond T/L (the lowered
   forward and gradient hold only loops of log2(L) and log2(T/L) steps); tiles whose keys span more exponent
   range than float32 allows run row by row instead (``lax.cond``, exact). Hand-written VJPs.
-* ``"pallas"``: the Pallas kernel ``rwkvunet_jax.kernels.bi_wkv.bi_wkv_pallas`` (compiled on GPU, interpret
-  mode elsewhere unless ``interpret`` says otherwise).
-* ``"auto"``: ``"pallas"`` when the default backend is a GPU and the kernel imports, else ``"scan"``.
+* ``"pallas"``: a Pallas kernel chosen by the platform the call is lowered for (``lax.platform_dependent``):
+  the Triton kernel ``rwkvunet_jax.kernels.bi_wkv.bi_wkv_pallas`` on CUDA/ROCm, the Mosaic kernel of the
+  chunked form ``rwkvunet_jax.kernels.bi_wkv_tpu.bi_wkv_tpu`` on TPU (float32/bfloat16), and elsewhere the
+  Triton kernel in interpret mode (``interpret=True`` forces that everywhere).
+* ``"auto"``: ``"pallas"`` on GPU and TPU backends when the kernel imports; on CPU ``"scan"``, which measured
+  faster than ``"chunked"`` there (forward ~3-6x, forward+backward about even at T = 784, C = 576).
 
 Gradients: the largest exponent o_t only sets the scale of EPS, and it is held constant for differentiation
 (``stop_gradient``) in every implementation, so gradients agree across implementations.
@@ -77,7 +80,8 @@ from rwkvunet_jax.kernels.wkv_spec import EPS, NUM_CHUNKS, VARIANTS, check_input
 __all__ = ["EPS", "IMPLS", "VARIANTS", "NUM_CHUNKS", "bi_wkv", "chunk_length", "resolve_impl"]
 
 IMPLS = ("auto", "naive", "scan", "chunked", "pallas")
-_PALLAS_MODULE = "rwkvunet_jax.kernels.bi_wkv"
+_PALLAS_MODULE = "rwkvunet_jax.kernels.bi_wkv"  # Triton (GPU)
+_TPU_MODULE = "rwkvunet_jax.kernels.bi_wkv_tpu"  # Mosaic (TPU)
 # Elements of one (B, query rows, T, channels) block of the dense evaluation (float32: 64 MiB per temporary).
 _NAIVE_BLOCK_ELEMENTS = 1 << 24
 
@@ -88,8 +92,12 @@ def resolve_impl(impl: str = "auto") -> str:
         raise ValueError(f"bi_wkv: unknown impl {impl!r}; expected one of {IMPLS}")
     if impl != "auto":
         return impl
-    if jax.default_backend() == "gpu" and _pallas_importable():
+    backend = jax.default_backend()
+    if backend == "gpu" and _pallas_importable():
         return "pallas"
+    if backend == "tpu" and _pallas_importable(_TPU_MODULE):
+        return "pallas"
+    # CPU: the scan measured faster than the chunked form (benchmarks/wkv.py; the README gives the table).
     return "scan"
 
 
@@ -114,8 +122,7 @@ def bi_wkv(
     w, u, k, v = _validate(w, u, k, v, impl, variant)
     chosen = resolve_impl(impl)
     if chosen == "pallas":
-        kernel = _load_pallas()
-        return kernel(w, u, k, v, variant=variant, interpret=interpret).astype(k.dtype)
+        return _pallas(w, u, k, v, variant=variant, interpret=interpret).astype(k.dtype)
     if interpret is not None and impl != "auto":
         raise ValueError(f"bi_wkv: interpret={interpret!r} only applies to impl='pallas', got impl={impl!r}")
     compute = _compute_dtype(w, u, k, v)
@@ -140,12 +147,40 @@ def _compute_dtype(*xs: jax.Array) -> jnp.dtype:
     return jnp.promote_types(jnp.float32, jnp.result_type(*(x.dtype for x in xs)))
 
 
-def _pallas_importable() -> bool:
+def _pallas_importable(module: str = _PALLAS_MODULE) -> bool:
     try:
-        importlib.import_module(_PALLAS_MODULE)
+        importlib.import_module(module)
     except ImportError:
         return False
     return True
+
+
+def _pallas(w, u, k, v, *, variant: str, interpret: bool | None) -> jax.Array:
+    """The Pallas kernel of the platform the call is lowered for: Triton on CUDA/ROCm, Mosaic on TPU.
+
+    ``interpret=True`` runs the Triton kernel in interpret mode anywhere. Otherwise ``lax.platform_dependent``
+    picks the kernel at lowering time (so ``.lower(lowering_platforms=("tpu",))`` on any machine gives the
+    Mosaic kernel); other platforms (CPU) run the Triton kernel, in interpret mode unless ``interpret=False``.
+    """
+    triton = _load_pallas()
+    if interpret:
+        return triton(w, u, k, v, variant=variant, interpret=True)
+    branches = dict(
+        cuda=lambda *a: triton(*a, variant=variant, interpret=False),
+        rocm=lambda *a: triton(*a, variant=variant, interpret=False),
+        default=lambda *a: triton(*a, variant=variant, interpret=interpret),
+    )
+    mosaic = _load_tpu()
+    if mosaic is not None and k.dtype in (jnp.float32, jnp.bfloat16):
+        branches["tpu"] = lambda *a: mosaic(*a, variant=variant, interpret=False).astype(k.dtype)
+    return lax.platform_dependent(w, u, k, v, **branches)
+
+
+def _load_tpu() -> Callable[..., jax.Array] | None:
+    try:
+        return importlib.import_module(_TPU_MODULE).bi_wkv_tpu
+    except ImportError:
+        return None
 
 
 def _load_pallas() -> Callable[..., jax.Array]:
