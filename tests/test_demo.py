@@ -39,3 +39,12 @@ def test_demo_rejects_bad_settings(tmp_path, capsys):
     assert "multiple of 16" in capsys.readouterr().err
     assert demo.main(["--workdir", str(tmp_path / "d"), "--config", str(tmp_path / "none.py")]) == 2
     assert "none.py" in capsys.readouterr().err
+
+
+def test_demo_takes_config_overrides():
+    args, overrides = demo.build_parser().parse_known_args(["--workdir", "x", "--steps", "8",
+                                                            "--config.model.wkv_impl=chunked"])
+    config = demo.load_demo_config(demo.CONFIG_FILE, args, overrides)
+    assert config.model.wkv_impl == "chunked" and config.total_steps == 8
+    with pytest.raises(SystemExit):
+        demo.main(["--workdir", "x", "--no-such-flag"])

@@ -2,6 +2,7 @@
 
     rwkvunet demo --workdir runs/demo            # the full demo (settings: configs/demo.py)
     rwkvunet demo --workdir /tmp/d --steps 4 --num-train 16 --num-val 4 --num-test 4   # a quick smoke run
+    rwkvunet demo --workdir runs/demo_chunked --config.model.wkv_impl=chunked          # any config field
 
 Writes into WORKDIR: data/ (the phantom dataset), checkpoints/ and checkpoints_best/ (Orbax), metrics.json
 (mean Dice and HD95 over the foreground classes of the held-out test images, per class and per image),
@@ -38,14 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_demo_config(path: str | Path, args: argparse.Namespace):
-    """The demo config with the command-line settings applied (steps and intervals scale together)."""
+def load_demo_config(path: str | Path, args: argparse.Namespace, overrides: list[str] | None = None):
+    """The demo config with the ``--config.*`` ``overrides`` and then the command-line settings applied (steps
+    and intervals scale together)."""
     from rwkvunet_jax.train.cli_config import parse_config_argv
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"demo config not found: {path} (run from a source checkout or pass --config)")
-    config, _ = parse_config_argv([f"--config={path}"], prog="rwkvunet demo")
+    config, _ = parse_config_argv([f"--config={path}", *(overrides or [])], prog="rwkvunet demo")
     with config.unlocked():
         if args.steps is not None:
             if args.steps < 1:
@@ -97,11 +99,15 @@ def export_torch(workdir: Path) -> Path | str:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, overrides = parser.parse_known_args(argv)
+    unknown = [a for a in overrides if not a.startswith("--config.")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (config fields: --config.FIELD=VALUE)")
     start = time.perf_counter()
     workdir = Path(args.workdir).absolute()
     try:
-        config = load_demo_config(args.config, args)
+        config = load_demo_config(args.config, args, overrides)
         if config.data.image_size[0] % 16:
             raise ValueError(f"--image-size must be a multiple of 16, got {config.data.image_size[0]}")
         workdir.mkdir(parents=True, exist_ok=True)
