@@ -56,8 +56,9 @@ Implementations (``impl``):
   the Triton kernel ``rwkvunet_jax.kernels.bi_wkv.bi_wkv_pallas`` on CUDA/ROCm, the Mosaic kernel of the
   chunked form ``rwkvunet_jax.kernels.bi_wkv_tpu.bi_wkv_tpu`` on TPU (float32/bfloat16), and elsewhere the
   Triton kernel in interpret mode (``interpret=True`` forces that everywhere).
-* ``"auto"``: ``"pallas"`` on GPU and TPU backends when the kernel imports; on CPU ``"scan"``, which measured
-  faster than ``"chunked"`` there (forward ~3-6x, forward+backward about even at T = 784, C = 576).
+* ``"auto"``: ``"pallas"`` on GPU and TPU backends when the kernel imports; on CPU ``"scan"``: on 2 CPU cores
+  (C = 576, B = 1, ``benchmarks/wkv.py``) the chunked form's forward took 1.05x (T = 196, 784) to 2.4x
+  (T = 3136, 12544) the scan's time, forward+backward 0.6x to 1.2x (1.2x at T = 784).
 
 Gradients: the largest exponent o_t only sets the scale of EPS, and it is held constant for differentiation
 (``stop_gradient``) in every implementation, so gradients agree across implementations.
