@@ -42,7 +42,8 @@ GIB = 1 << 30
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--impls", default="naive,scan,pallas", help="comma-separated subset of naive,scan,chunked,pallas")
+    parser.add_argument("--impls", default="naive,scan,chunked,pallas",
+                        help="comma-separated subset of naive,scan,chunked,pallas")
     parser.add_argument("--tokens", default="196,784,3136,12544", help="comma-separated sequence lengths T")
     parser.add_argument("--channels", type=int, default=576)
     parser.add_argument("--batch", type=int, default=1)

@@ -39,9 +39,7 @@ def check_against_naive(variant, w, u, k, v, seed, rtol=2e-5, grad_rtol=1e-4, fl
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("tokens", [2, 300, pytest.param(1, marks=pytest.mark.slow), pytest.param(33, marks=pytest.mark.slow),
-                                    pytest.param(31, marks=pytest.mark.slow), pytest.param(32, marks=pytest.mark.slow),
-                                    pytest.param(784, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("tokens", [2, 300, *(pytest.param(t, marks=pytest.mark.slow) for t in (1, 31, 32, 33, 784))])
 def test_values_and_grads_match_naive(variant, tokens):
     w, u, k, v = make_inputs(20 + tokens, 2, tokens, 5)
     if tokens > 64:
