@@ -43,6 +43,21 @@ def test_interpret_matches_naive(variant):
 
 
 @pytest.mark.slow
+def test_interpret_bfloat16_inputs():
+    # bf16 k, v: float32 arithmetic inside, output rounded to bf16 (test_wkv.py's bound); grads in the inputs'
+    # dtypes and finite.
+    w, u, k, v = make_inputs(6, 2, 40, 5)
+    k, v = jnp.asarray(k, jnp.bfloat16), jnp.asarray(v, jnp.bfloat16)
+    projection = np.random.default_rng(6).normal(size=k.shape).astype(np.float32)
+    y, grads = values_and_grads(lambda *a: bi_wkv_tpu(*a, interpret=True), w, u, k, v, projection)
+    assert y.dtype == jnp.bfloat16
+    expected = reference(w, u, np.asarray(k, np.float64), np.asarray(v, np.float64), "official")
+    close(y, expected, rtol=2.0**-8, atol_frac=1e-3)
+    assert [g.dtype for g in grads] == [jnp.float32, jnp.float32, jnp.bfloat16, jnp.bfloat16]
+    assert all(np.isfinite(np.asarray(g, np.float32)).all() for g in grads)
+
+
+@pytest.mark.slow
 def test_interpret_out_of_range_falls_back():
     # |k| up to 60 spans more exponent range than float32 holds within a tile: the call takes the exact XLA
     # path; values and gradients stay those of naive.
