@@ -1,13 +1,16 @@
-"""Time and memory of the bidirectional WKV implementations (naive, scan, pallas) over sequence length.
+"""Time and memory of the bidirectional WKV implementations (naive, scan, chunked, pallas) over sequence length.
 
     python benchmarks/wkv.py                                  # C=576, B=1, T in 196 784 3136 12544
     python benchmarks/wkv.py --impls scan,pallas --batch 8 --dtype bfloat16
+    python benchmarks/wkv.py --impls scan,chunked              # the chunked form against the scan
 
 For each implementation, T, and pass (forward; forward+backward = grads of w, u, k, v through a vector-
 Jacobian product), it prints the median wall time of ``--runs`` runs (more, up to 50, while they take under a second in
 total) after one warm-up run (compile time
 is shown separately) and the memory XLA plans for the compiled program: argument + output + temporary
-bytes from ``compiled.memory_analysis()`` (buffer sizes, not a measured process peak). On CPU the Pallas
+bytes from ``compiled.memory_analysis()`` (buffer sizes, not a measured process peak), and the longest
+sequential loop: the largest trip count of a while loop in the compiled HLO (scan: T; chunked: the tile length
+or log2 of the tile count, whichever is larger; "?" if XLA does not know a loop's count). On CPU the Pallas
 row runs in Pallas interpret mode and is labelled so; its times say nothing about the compiled kernel.
 
 The naive O(T^2) reference evaluates its dense table in blocks, so its memory stays bounded, but its work
@@ -15,7 +18,7 @@ grows as B*T^2*C: a row is skipped when the time extrapolated from the previous 
 exceeds ``--max-seconds``, and the message also gives the size of the unblocked (B, T, T, C) table.
 A second table gives the scan's time ratio t(T)/t(196) next to T/196, and its time per token, to show
 linear growth. On CPU the per-token cost steps up once the scan's arrays (~12 x T x C floats) outgrow the
-last-level cache, then stays flat.
+last-level cache, then stays flat. With both scan and chunked measured, a third table gives chunked / scan.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -38,7 +42,8 @@ GIB = 1 << 30
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--impls", default="naive,scan,pallas", help="comma-separated subset of naive,scan,pallas")
+    parser.add_argument("--impls", default="naive,scan,chunked,pallas",
+                        help="comma-separated subset of naive,scan,chunked,pallas")
     parser.add_argument("--tokens", default="196,784,3136,12544", help="comma-separated sequence lengths T")
     parser.add_argument("--channels", type=int, default=576)
     parser.add_argument("--batch", type=int, default=1)
@@ -71,10 +76,27 @@ def build(impl: str, variant: str, backward: bool):
     return jax.jit(forward_backward if backward else forward)
 
 
+def while_trip_counts(hlo_text: str) -> list[int | None]:
+    """Trip count of every while loop of a compiled HLO module's text (None where XLA does not know it)."""
+    counts = []
+    for line in hlo_text.splitlines():
+        if re.search(r"\swhile\(", line):
+            found = re.search(r'known_trip_count[^0-9]*?"n"\s*:\s*"?(\d+)', line)
+            counts.append(int(found.group(1)) if found else None)
+    return counts
+
+
+def longest_loop(counts: list[int | None]) -> str:
+    if not counts:
+        return "none"
+    return "?" if None in counts else str(max(counts))
+
+
 def measure(fn, args, runs: int) -> dict:
     """Compile, warm up, then time ``runs`` calls; memory from the compiled program's buffer plan."""
     start = time.perf_counter()
     compiled = fn.trace(*args).lower().compile()
+    loop = longest_loop(while_trip_counts(compiled.as_text()))
     stats = compiled.memory_analysis()
     memory = None
     if stats is not None:
@@ -88,7 +110,7 @@ def measure(fn, args, runs: int) -> dict:
         start = time.perf_counter()
         jax.block_until_ready(compiled(*args))
         times.append(time.perf_counter() - start)
-    return dict(ms=1e3 * statistics.median(times), compile_s=compile_s, memory=memory)
+    return dict(ms=1e3 * statistics.median(times), compile_s=compile_s, memory=memory, loop=loop)
 
 
 def format_bytes(num: int | None) -> str:
@@ -100,9 +122,9 @@ def format_bytes(num: int | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     impls = [name.strip() for name in args.impls.split(",") if name.strip()]
-    unknown = sorted(set(impls) - {"naive", "scan", "pallas"})
+    unknown = sorted(set(impls) - {"naive", "scan", "chunked", "pallas"})
     if unknown:
-        raise SystemExit(f"--impls: unknown {unknown}; choose from naive, scan, pallas")
+        raise SystemExit(f"--impls: unknown {unknown}; choose from naive, scan, chunked, pallas")
     token_list = [int(t) for t in args.tokens.split(",")]
     dtype = jnp.dtype(args.dtype)
     device = jax.devices()[0]
@@ -117,13 +139,13 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError as err:
             print(f"pallas: not available ({err}); rows dropped")
             impls.remove("pallas")
-    label = {"naive": "naive", "scan": "scan",
+    label = {"naive": "naive", "scan": "scan", "chunked": "chunked",
              "pallas": "pallas" if jax.default_backend() == "gpu" else "pallas (interpret)"}
 
-    header = f"{'impl':<19}{'T':>7}  {'pass':<9}{'time ms':>11}{'compile s':>11}{'memory':>12}"
+    header = f"{'impl':<19}{'T':>7}  {'pass':<9}{'time ms':>11}{'compile s':>11}{'memory':>12}{'loop':>8}"
     print(header)
     print("-" * len(header))
-    scan_ms: dict[tuple[int, str], float] = {}
+    times_ms: dict[tuple[str, int, str], float] = {}
     for impl in impls:
         previous: dict[str, tuple[int, float]] = {}
         for tokens in token_list:
@@ -140,9 +162,9 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                 result = measure(build(impl, args.variant, backward), inputs, args.runs)
                 previous[name] = (tokens, result["ms"] / 1e3)
-                if impl == "scan":
-                    scan_ms[tokens, name] = result["ms"]
-                print(f"{row}{result['ms']:>11.1f}{result['compile_s']:>11.1f}{format_bytes(result['memory']):>12}")
+                times_ms[impl, tokens, name] = result["ms"]
+                print(f"{row}{result['ms']:>11.1f}{result['compile_s']:>11.1f}{format_bytes(result['memory']):>12}"
+                      f"{result['loop']:>8}")
                 sys.stdout.flush()
 
     base = token_list[0]
@@ -150,10 +172,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nscan time relative to T={base} (linear growth: ratio ~ T/{base}; per-token cost flat)")
         print(f"{'T':>7}{'T/' + str(base):>9}{'fwd':>9}{'fwd+bwd':>9}{'fwd us/token':>15}{'fwd+bwd us/token':>19}")
         for tokens in token_list:
-            ratios = [scan_ms[tokens, p] / scan_ms[base, p] for p in ("fwd", "fwd+bwd")]
-            per_token = [1e3 * scan_ms[tokens, p] / tokens for p in ("fwd", "fwd+bwd")]
+            ratios = [times_ms["scan", tokens, p] / times_ms["scan", base, p] for p in ("fwd", "fwd+bwd")]
+            per_token = [1e3 * times_ms["scan", tokens, p] / tokens for p in ("fwd", "fwd+bwd")]
             print(f"{tokens:>7}{tokens / base:>9.1f}{ratios[0]:>9.1f}{ratios[1]:>9.1f}"
                   f"{per_token[0]:>15.2f}{per_token[1]:>19.2f}")
+    if "scan" in impls and "chunked" in impls:
+        print("\nchunked time / scan time (below 1: chunked faster)")
+        print(f"{'T':>7}{'fwd':>9}{'fwd+bwd':>9}")
+        for tokens in token_list:
+            ratios = [times_ms["chunked", tokens, p] / times_ms["scan", tokens, p] for p in ("fwd", "fwd+bwd")]
+            print(f"{tokens:>7}{ratios[0]:>9.2f}{ratios[1]:>9.2f}")
     return 0
 
 

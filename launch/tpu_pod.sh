@@ -17,6 +17,10 @@
 # makes all of them checkpoint at the same step and exit with 75, and `run` starts them again (which
 # resumes) up to MAX_RESTARTS times. For spot/preemptible slices that are deleted, recreate the slice and
 # rerun `setup` and `run`: the run resumes from WORKDIR.
+#
+# The WKV operator: the configs' wkv_impl="auto" runs the Pallas TPU (Mosaic) kernel of the chunked form on
+# TPU hosts (rwkvunet_jax/kernels/bi_wkv_tpu.py). Another one: append --config.model.wkv_impl=chunked
+# (the same form in plain XLA), =scan (token-by-token loops) or =pallas (the kernel, explicitly).
 set -euo pipefail
 
 : "${TPU_NAME:?set TPU_NAME}"

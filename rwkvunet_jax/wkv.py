@@ -46,9 +46,19 @@ Implementations (``impl``):
   forward scan carries the global exclusive prefix P, the within-chunk past sum (P at the chunk start, then
   decayed with the paper's |t-m|-1 rule) and the within-chunk residual S; a reverse scan carries the global
   exclusive suffix F. Because 1 - e^{w} may be negative, the terms are combined only after the scans.
-* ``"pallas"``: the Pallas kernel ``rwkvunet_jax.kernels.bi_wkv.bi_wkv_pallas`` (compiled on GPU, interpret
-  mode elsewhere unless ``interpret`` says otherwise).
-* ``"auto"``: ``"pallas"`` when the default backend is a GPU and the kernel imports, else ``"scan"``.
+* ``"chunked"``: ``rwkvunet_jax.kernels.wkv_chunked``: the same sums in chunked matrix form, any backend. The
+  tokens are cut into tiles aligned with the official chunks; within a tile every piece is a triangular 0/1
+  matrix times the tile's scaled keys (matrix products at full float32 precision), and the states entering the
+  tiles come from log-step scans over the T/L tile summaries. No loop grows with T beyond T/L (the lowered
+  forward and gradient hold only loops of log2(L) and log2(T/L) steps); tiles whose keys span more exponent
+  range than float32 allows run row by row instead (``lax.cond``, exact). Hand-written VJPs.
+* ``"pallas"``: a Pallas kernel chosen by the platform the call is lowered for (``lax.platform_dependent``):
+  the Triton kernel ``rwkvunet_jax.kernels.bi_wkv.bi_wkv_pallas`` on CUDA/ROCm, the Mosaic kernel of the
+  chunked form ``rwkvunet_jax.kernels.bi_wkv_tpu.bi_wkv_tpu`` on TPU (float32/bfloat16), and elsewhere the
+  Triton kernel in interpret mode (``interpret=True`` forces that everywhere).
+* ``"auto"``: ``"pallas"`` on GPU and TPU backends when the kernel imports; on CPU ``"scan"``: on 2 CPU cores
+  (C = 576, B = 1, ``benchmarks/wkv.py``) the chunked form's forward took 1.05x (T = 196, 784) to 2.4x
+  (T = 3136, 12544) the scan's time, forward+backward 0.6x to 1.2x (1.2x at T = 784).
 
 Gradients: the largest exponent o_t only sets the scale of EPS, and it is held constant for differentiation
 (``stop_gradient``) in every implementation, so gradients agree across implementations.
@@ -64,13 +74,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from rwkvunet_jax.kernels.wkv_chunked import bi_wkv_chunked
 from rwkvunet_jax.kernels.wkv_spec import EMPTY_EXPONENT as _EMPTY
 from rwkvunet_jax.kernels.wkv_spec import EPS, NUM_CHUNKS, VARIANTS, check_inputs, chunk_length
 
 __all__ = ["EPS", "IMPLS", "VARIANTS", "NUM_CHUNKS", "bi_wkv", "chunk_length", "resolve_impl"]
 
-IMPLS = ("auto", "naive", "scan", "pallas")
-_PALLAS_MODULE = "rwkvunet_jax.kernels.bi_wkv"
+IMPLS = ("auto", "naive", "scan", "chunked", "pallas")
+_PALLAS_MODULE = "rwkvunet_jax.kernels.bi_wkv"  # Triton (GPU)
+_TPU_MODULE = "rwkvunet_jax.kernels.bi_wkv_tpu"  # Mosaic (TPU)
 # Elements of one (B, query rows, T, channels) block of the dense evaluation (float32: 64 MiB per temporary).
 _NAIVE_BLOCK_ELEMENTS = 1 << 24
 
@@ -81,8 +93,12 @@ def resolve_impl(impl: str = "auto") -> str:
         raise ValueError(f"bi_wkv: unknown impl {impl!r}; expected one of {IMPLS}")
     if impl != "auto":
         return impl
-    if jax.default_backend() == "gpu" and _pallas_importable():
+    backend = jax.default_backend()
+    if backend == "gpu" and _pallas_importable():
         return "pallas"
+    if backend == "tpu" and _pallas_importable(_TPU_MODULE):
+        return "pallas"
+    # CPU: the scan measured faster than the chunked form (benchmarks/wkv.py; the README gives the table).
     return "scan"
 
 
@@ -99,19 +115,20 @@ def bi_wkv(
     """Bidirectional WKV of keys ``k`` and values ``v`` (B, T, C) with per-channel decay ``w`` and bonus ``u`` (C,).
 
     Returns (B, T, C) in ``k``'s dtype; the arithmetic is float32 (float64 for float64 inputs). ``impl`` is
-    one of ``"auto" | "naive" | "scan" | "pallas"`` and ``variant`` one of ``"official" | "paper"`` (see the
-    module docstring for the exact formulas). ``interpret`` is passed to the Pallas kernel when it runs
-    (``None``: compiled on GPU, interpret mode elsewhere); ``impl="naive"`` and ``"scan"`` reject it, and
-    ``"auto"`` ignores it when it picks the scan.
+    one of ``"auto" | "naive" | "scan" | "chunked" | "pallas"`` and ``variant`` one of ``"official" | "paper"``
+    (see the module docstring for the exact formulas). ``interpret`` is passed to the Pallas kernel when it runs
+    (``None``: compiled on GPU, interpret mode elsewhere); the XLA forms (``"naive"``, ``"scan"``, ``"chunked"``)
+    reject it, and ``"auto"`` ignores it when it picks one of them.
     """
     w, u, k, v = _validate(w, u, k, v, impl, variant)
     chosen = resolve_impl(impl)
     if chosen == "pallas":
-        kernel = _load_pallas()
-        return kernel(w, u, k, v, variant=variant, interpret=interpret).astype(k.dtype)
+        return _pallas(w, u, k, v, variant=variant, interpret=interpret).astype(k.dtype)
     if interpret is not None and impl != "auto":
         raise ValueError(f"bi_wkv: interpret={interpret!r} only applies to impl='pallas', got impl={impl!r}")
     compute = _compute_dtype(w, u, k, v)
+    if chosen == "chunked":
+        return bi_wkv_chunked(w, u, k, v, variant=variant)
     if chosen == "naive":
         return _naive(w, u, k, v, variant=variant, compute_dtype=compute)
     return _scan(w, u, k, v, variant=variant, compute_dtype=compute)
@@ -131,12 +148,40 @@ def _compute_dtype(*xs: jax.Array) -> jnp.dtype:
     return jnp.promote_types(jnp.float32, jnp.result_type(*(x.dtype for x in xs)))
 
 
-def _pallas_importable() -> bool:
+def _pallas_importable(module: str = _PALLAS_MODULE) -> bool:
     try:
-        importlib.import_module(_PALLAS_MODULE)
+        importlib.import_module(module)
     except ImportError:
         return False
     return True
+
+
+def _pallas(w, u, k, v, *, variant: str, interpret: bool | None) -> jax.Array:
+    """The Pallas kernel of the platform the call is lowered for: Triton on CUDA/ROCm, Mosaic on TPU.
+
+    ``interpret=True`` runs the Triton kernel in interpret mode anywhere. Otherwise ``lax.platform_dependent``
+    picks the kernel at lowering time (so ``.lower(lowering_platforms=("tpu",))`` on any machine gives the
+    Mosaic kernel); other platforms (CPU) run the Triton kernel, in interpret mode unless ``interpret=False``.
+    """
+    triton = _load_pallas()
+    if interpret:
+        return triton(w, u, k, v, variant=variant, interpret=True)
+    branches = dict(
+        cuda=lambda *a: triton(*a, variant=variant, interpret=False),
+        rocm=lambda *a: triton(*a, variant=variant, interpret=False),
+        default=lambda *a: triton(*a, variant=variant, interpret=interpret),
+    )
+    mosaic = _load_tpu()
+    if mosaic is not None and k.dtype in (jnp.float32, jnp.bfloat16):
+        branches["tpu"] = lambda *a: mosaic(*a, variant=variant, interpret=False).astype(k.dtype)
+    return lax.platform_dependent(w, u, k, v, **branches)
+
+
+def _load_tpu() -> Callable[..., jax.Array] | None:
+    try:
+        return importlib.import_module(_TPU_MODULE).bi_wkv_tpu
+    except ImportError:
+        return None
 
 
 def _load_pallas() -> Callable[..., jax.Array]:

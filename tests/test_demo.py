@@ -51,3 +51,17 @@ def test_demo_rejects_bad_settings(tmp_path, capsys):
     assert "multiple of 16" in capsys.readouterr().err
     assert cli_main(["demo", "--workdir", str(tmp_path / "d"), "--config", str(tmp_path / "none.py")]) == 2
     assert "none.py" in capsys.readouterr().err
+
+
+def test_demo_takes_config_overrides():
+    from rwkvunet_jax.commands.parsing import parse_config_command
+
+    config, args = parse_config_command(demo.build_parser(), ["--workdir", "x", "--steps", "8",
+                                                              "--config.model.wkv_impl=chunked"],
+                                        example=demo.DEFAULT_CONFIG)
+    config = demo.apply_demo_settings(config, args)
+    assert config.model.wkv_impl == "chunked" and config.total_steps == 8
+    from rwkvunet_jax.commands.parsing import CommandError
+
+    with pytest.raises(CommandError, match="unrecognized arguments: --no-such-flag"):
+        demo.main(["--workdir", "x", "--no-such-flag"])

@@ -2,6 +2,7 @@
 
     rwkvunet demo --workdir runs/demo            # the full demo (settings: configs/demo.py)
     rwkvunet demo --workdir /tmp/d --steps 4 --num-train 16 --num-val 4 --num-test 4   # a quick smoke run
+    rwkvunet demo --workdir runs/demo_chunked --config.model.wkv_impl=chunked          # any config field
 
 Writes into WORKDIR: data/ (the phantom dataset), checkpoints/ and checkpoints_best/ (Orbax), metrics.json
 (mean Dice and HD95 over the foreground classes of the held-out test images, per class and per image),

@@ -26,7 +26,7 @@ class ModelSpec:
       drop_path_rate: the last block's stochastic-depth rate (linearly increasing from 0).
       ccm_drop_path: the CCM's drop-path rate (always active in training, as officially).
       wkv_variant: ``"official"`` (what the shipped CUDA kernel computes) or ``"paper"``.
-      wkv_impl: ``"auto"``, ``"scan"``, ``"naive"`` or ``"pallas"``.
+      wkv_impl: ``"auto"``, ``"scan"``, ``"chunked"``, ``"naive"`` or ``"pallas"``.
       dtype: compute dtype name (``"float32"``, ``"bfloat16"``); parameters are always float32.
     """
 
