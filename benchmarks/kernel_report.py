@@ -4,7 +4,8 @@ Lowers ``bi_wkv_pallas`` (forward, and the gradient through its custom VJP) for 
 Triton IR of every ``pallas_call`` as JAX's Pallas-Triton lowering emits it, compiles each module for sm_90 with
 the pip ``triton`` wheel (its bundled ptxas and cuobjdump), and prints per kernel: grid, warps, registers,
 spills, shared memory, static SASS instructions, MUFU.EX2 (hardware exp2) count, instructions and exps per
-token and channel, and Triton's compile time. With ``--model`` it also finds the distinct WKV shapes of
+token and channel, and Triton's compile time (CPU seconds of the compiler and ptxas, which a busy machine
+does not inflate the way it inflates wall-clock time). With ``--model`` it also finds the distinct WKV shapes of
 ``rwkv_unet_b`` at 224 and 512 and totals their compile time (what a training run waits for).
 
 Setup, once (about 1 GB; never part of CI or the project's install). jax 0.10.2 emits Triton IR that the
@@ -45,12 +46,13 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TRITON_PYTHON = os.environ.get("TRITON_PYTHON", "/tmp/triton-venv/bin/python")
 
 # The kernel before the rework of issue 11 (commit cd26de8), measured with this script at (24, 784, 576)
-# float32 official on the 2-core machine (load average ~11 while compiling; the issue, on a quieter machine,
-# had compiles of 18 / 55 / 163 s forward and 19 / 286 / 125 s backward). Printed when --compare is not given.
+# float32 official. Compile times: issue 11's wall-clock seconds on two loaded cores (forward 18 / 55 / 163,
+# backward 19 / 286 / 125), an upper bound of the CPU seconds this script now reports. Printed when
+# --compare is not given.
 BASELINE = {
     "ref": "cd26de8",
-    "fwd": {"instr_per_token": 352.9, "exp_per_token": 13.93, "max_regs": 186, "max_compile_s": 213.0},
-    "bwd": {"instr_per_token": 501.6, "exp_per_token": 15.8, "max_regs": 255, "max_compile_s": 1087.0},
+    "fwd": {"instr_per_token": 352.9, "exp_per_token": 13.93, "max_regs": 186, "max_compile_s": 163.0},
+    "bwd": {"instr_per_token": 501.6, "exp_per_token": 15.8, "max_regs": 255, "max_compile_s": 286.0},
     "spills": 0,
     # forward 7 (o and D saved: 9), backward ~22 (issue 11's count)
     "traffic_training": 31.0,
@@ -197,13 +199,16 @@ def run_capture(tree: Path | None, args) -> dict:
 # ------------------------------------------------------------------------------------------ 2. compile
 
 _WORKER = r'''
-import json, re, subprocess, sys, time, os
+import json, re, resource, subprocess, sys, time, os
 import triton
 from triton.backends.compiler import GPUTarget
 path, warps, stages = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-start = time.perf_counter()
+def cpu():
+    child = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + child.ru_utime + child.ru_stime
+start, start_cpu = time.perf_counter(), cpu()
 kernel = triton.compile(path, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
-seconds = time.perf_counter() - start
+seconds, cpu_seconds = time.perf_counter() - start, cpu() - start_cpu
 base = path[:-5]
 open(base + ".ptx", "w").write(kernel.asm["ptx"])
 open(base + ".cubin", "wb").write(kernel.asm["cubin"])
@@ -212,7 +217,7 @@ arch = re.search(r"\.target\s+(sm_\w+)", kernel.asm["ptx"]).group(1)
 ptxas = subprocess.run([os.path.join(bindir, "ptxas"), "-v", "--gpu-name", arch, base + ".ptx", "-o", base + ".v.cubin"],
                        capture_output=True, text=True).stderr
 sass = subprocess.run([os.path.join(bindir, "cuobjdump"), "-sass", base + ".cubin"], capture_output=True, text=True).stdout
-print(json.dumps({"seconds": seconds, "shared": kernel.metadata.shared, "ptxas": ptxas, "sass": sass}))
+print(json.dumps({"seconds": cpu_seconds, "wall_seconds": seconds, "shared": kernel.metadata.shared, "ptxas": ptxas, "sass": sass}))
 '''
 
 

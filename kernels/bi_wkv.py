@@ -87,6 +87,9 @@ _KAPPA_FLOOR = -1e29
 # Clamp of rescaling exponents (log2): 2^100 times a value that underflowed stays finite.
 _RESCALE_CAP = 100.0
 _SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+# Test hook: run the compiled path's unrolled, row-at-a-time code in interpret mode too (tests set it; slow to
+# compile in XLA for long tiles).
+_UNROLL_IN_INTERPRETER = False
 
 
 def default_interpret() -> bool:
@@ -106,6 +109,12 @@ class _Plan:
     block_c: int
     tile_len: int
     interpret: bool
+    unrolled: bool = False  # interpret mode only: see _UNROLL_IN_INTERPRETER
+
+    @property
+    def looped(self) -> bool:
+        """Rows of a tile run in a loop over (rows, block_c) arrays (interpret mode), else unrolled."""
+        return self.interpret and not self.unrolled
 
     @property
     def chunk(self) -> int:  # official chunk length n (semantics)
@@ -297,25 +306,25 @@ def _fwd_from_prefix(prefix: _Sum) -> _Fwd:
 
 
 def _map(plan: _Plan, fn, *seqs):
-    if plan.interpret:
+    if plan.looped:
         return fn(*seqs)
     return [fn(*xs) for xs in zip(*seqs)]
 
 
 def _get(plan: _Plan, seq, i):
-    if plan.interpret:
+    if plan.looped:
         return jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, i, 0, keepdims=False), seq)
     return seq[i]
 
 
 def _seq_new(plan: _Plan, rows: int, like):
-    if plan.interpret:
+    if plan.looped:
         return jax.tree.map(lambda x: jnp.zeros((rows,) + x.shape, x.dtype), like)
     return [None] * rows
 
 
 def _set(plan: _Plan, seq, i, value):
-    if plan.interpret:
+    if plan.looped:
         return jax.tree.map(lambda a, x: lax.dynamic_update_index_in_dim(a, x, i, 0), seq, value)
     seq = list(seq)
     seq[i] = value
@@ -324,7 +333,7 @@ def _set(plan: _Plan, seq, i, value):
 
 def _sweep(plan: _Plan, rows: int, body, carry, reverse: bool = False):
     """carry = body(i, carry) for each row (reversed: last row first)."""
-    if plan.interpret:
+    if plan.looped:
         return lax.fori_loop(0, rows, lambda j, c: body(rows - 1 - j if reverse else j, c), carry)
     for i in (reversed(range(rows)) if reverse else range(rows)):
         carry = body(i, carry)
@@ -332,7 +341,7 @@ def _sweep(plan: _Plan, rows: int, body, carry, reverse: bool = False):
 
 
 def _seq_max(plan: _Plan, seq):
-    if plan.interpret:
+    if plan.looped:
         return jnp.max(seq, axis=0)
     return functools.reduce(jnp.maximum, seq[1:], seq[0])
 
@@ -480,7 +489,7 @@ def _tile_start(plan: _Plan, s, j):
 def _valid(plan: _Plan, s, t0, cmask):
     """Per-row masks of the tile starting at t0 of segment s (rows past the segment or T are invalid)."""
     end = jnp.minimum((s + 1) * plan.stride, plan.tokens)
-    if plan.interpret:
+    if plan.looped:
         rows = t0 + lax.broadcasted_iota(jnp.int32, (plan.rows, plan.block_c), 0)
         return (rows < end) & cmask[None, :]
     return [cmask & (t0 + i < end) for i in range(plan.rows)]
@@ -488,13 +497,13 @@ def _valid(plan: _Plan, s, t0, cmask):
 
 def _load_rows(plan: _Plan, ref, t0, valid):
     """Rows t0 .. t0 + rows - 1 (0 where invalid): a list of row loads (compiled) or one block (interpret)."""
-    if plan.interpret:
+    if plan.looped:
         return _load(ref, (pl.ds(t0, plan.rows), slice(None)), valid)
     return [_load(ref, (t0 + i, slice(None)), ok) for i, ok in enumerate(valid)]
 
 
 def _store_rows(plan: _Plan, ref, t0, valid, rows) -> None:
-    if plan.interpret:
+    if plan.looped:
         _store(ref, (pl.ds(t0, plan.rows), slice(None)), rows, valid)
         return
     for i, (ok, row) in enumerate(zip(valid, rows)):
@@ -601,7 +610,7 @@ def _fwd_output_kernel(plan: _Plan, save: bool, w_ref, u_ref, k_ref, v_ref, inc_
         t0, tile = _load_tile(plan, k_ref, v_ref, s, j, cmask)
         fut = _future_at(plan, s, j, inc_fut, sub_ref, cmask, w2, 2)
         state, kappa, rows = _forward_tile(plan, tile, w2, u2, state, fut)
-        nums, dens = (rows[0], rows[1]) if plan.interpret else zip(*rows)
+        nums, dens = (rows[0], rows[1]) if plan.looped else zip(*rows)
         _store_rows(plan, y_ref, t0, tile.valid, _map(plan, lambda a, b: a / b, nums, dens))
         if save:
             _store_rows(plan, inv_ref, t0, tile.valid, _map(plan, lambda b: 1.0 / b, dens))
@@ -700,7 +709,7 @@ def _bwd_output_kernel(plan: _Plan, w_ref, u_ref, k_ref, v_ref, g_ref, fwd_inc_r
         fut = _future_at(plan, s, j, inc_fut, fsub_ref, cmask, w2, 2)
         state, kappa, rows = _forward_tile(plan, tile, w2, u2, state, fut)
         gs = _load_rows(plan, g_ref, t0, tile.valid)
-        nums, dens = (rows[0], rows[1]) if plan.interpret else zip(*rows)
+        nums, dens = (rows[0], rows[1]) if plan.looped else zip(*rows)
         ca = _map(plan, lambda gi, d: gi / d, gs, dens)  # alpha relative to 2^{-kappa}
         cb = _map(plan, lambda a, n, d: -a * (n / d), ca, nums, dens)
         # Incoming transposed sums at the tile's last row (P', Q', S') and at its first row (F').
@@ -774,9 +783,9 @@ def _bwd_output_kernel(plan: _Plan, w_ref, u_ref, k_ref, v_ref, g_ref, fwd_inc_r
 
         fp, dw, du, outs = _sweep(plan, plan.rows, forward, (_with_ref(fprime, top), dw, du,
                                                              _seq_new(plan, plan.rows, (zeros, zeros))))
-        dks, dvs = (outs[0], outs[1]) if plan.interpret else zip(*outs)
-        _store_rows(plan, dk_ref, t0, tile.valid, list(dks) if not plan.interpret else dks)
-        _store_rows(plan, dv_ref, t0, tile.valid, list(dvs) if not plan.interpret else dvs)
+        dks, dvs = (outs[0], outs[1]) if plan.looped else zip(*outs)
+        _store_rows(plan, dk_ref, t0, tile.valid, list(dks) if not plan.looped else dks)
+        _store_rows(plan, dv_ref, t0, tile.valid, list(dvs) if not plan.looped else dvs)
         return state, _Sum(top, fp), dw, du
 
     init = (_fwd_from_prefix(prefix), inc_fwd, zeros, zeros)
@@ -943,5 +952,6 @@ def bi_wkv_pallas(
     if batch == 0 or channels == 0:
         return jnp.zeros(k.shape, k.dtype) + 0.0 * (k + v)  # keeps the gradient path (all zeros)
     plan = _Plan(official=variant == "official", batch=batch, tokens=tokens, channels=channels, block_c=block_c,
-                 tile_len=tile_len or _tile_len_default(bool(interpret)), interpret=bool(interpret))
+                 tile_len=tile_len or _tile_len_default(bool(interpret)), interpret=bool(interpret),
+                 unrolled=_UNROLL_IN_INTERPRETER)
     return _bi_wkv(plan, w.astype(jnp.float32), u.astype(jnp.float32), k, v)
