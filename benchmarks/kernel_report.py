@@ -118,7 +118,8 @@ class _Capture:
         self._mlir.custom_call = self._custom_call
 
 
-def capture_operator(batch: int, tokens: int, channels: int, variant: str, dtype: str) -> dict:
+def capture_operator(batch: int, tokens: int, channels: int, variant: str, dtype: str,
+                     tile_len: int | None = None) -> dict:
     """Triton modules of the forward and of the gradient of bi_wkv_pallas at one shape."""
     import jax
     import jax.numpy as jnp
@@ -128,7 +129,8 @@ def capture_operator(batch: int, tokens: int, channels: int, variant: str, dtype
     dt = jnp.dtype(dtype)
     args = (jax.ShapeDtypeStruct((channels,), jnp.float32), jax.ShapeDtypeStruct((channels,), jnp.float32),
             jax.ShapeDtypeStruct((batch, tokens, channels), dt), jax.ShapeDtypeStruct((batch, tokens, channels), dt))
-    fn = functools.partial(bi_wkv_pallas, variant=variant, interpret=False)
+    extra = {"tile_len": tile_len} if tile_len else {}
+    fn = functools.partial(bi_wkv_pallas, variant=variant, interpret=False, **extra)
     grad = jax.grad(lambda w, u, k, v: jnp.sum(fn(w, u, k, v).astype(jnp.float32)), argnums=(0, 1, 2, 3))
     out = {}
     for what, f in (("fwd", fn), ("grad", grad)):
@@ -136,7 +138,7 @@ def capture_operator(batch: int, tokens: int, channels: int, variant: str, dtype
             jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
         out[what] = cap.kernels
     traffic = getattr(sys.modules["rwkvunet_jax.kernels.bi_wkv"], "traffic_summary", None)
-    out["traffic"] = traffic(tokens, channels) if traffic else None
+    out["traffic"] = traffic(tokens, channels, **extra) if traffic else None
     return out
 
 
@@ -170,14 +172,14 @@ def capture_main(spec: dict) -> dict:
         _register_kernels_package(Path(spec["tree"]))
     else:
         sys.path.insert(0, str(REPO))
-    result = {"operator": capture_operator(*spec["shape"], spec["variant"], spec["dtype"])}
+    result = {"operator": capture_operator(*spec["shape"], spec["variant"], spec["dtype"], spec.get("tile_len"))}
     if spec.get("model"):
         sizes = {}
         for size in (224, 512):
             shapes = model_wkv_shapes(size)
             modules = {}
             for tokens, channels in shapes:
-                captured = capture_operator(1, tokens, channels, spec["variant"], "float32")
+                captured = capture_operator(1, tokens, channels, spec["variant"], "float32", spec.get("tile_len"))
                 for entry in captured["fwd"] + captured["grad"]:
                     modules.setdefault(hashlib.sha1(entry["ttir"].encode()).hexdigest(), entry)
             sizes[size] = {"shapes": shapes, "modules": list(modules.values())}
@@ -188,7 +190,7 @@ def capture_main(spec: dict) -> dict:
 def run_capture(tree: Path | None, args) -> dict:
     """Capture in a subprocess (so an old checkout's modules never mix with this tree's)."""
     spec = {"tree": str(tree) if tree else None, "shape": args.shape, "variant": args.variant,
-            "dtype": args.dtype, "model": args.model}
+            "dtype": args.dtype, "model": args.model, "tile_len": args.tile_len if tree is None else None}
     proc = subprocess.run([sys.executable, __file__, "--_capture", json.dumps(spec)], capture_output=True, text=True,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
     if proc.returncode != 0:
@@ -382,6 +384,7 @@ def main() -> None:
     parser.add_argument("--shape", type=int, nargs=3, default=[24, 784, 576], metavar=("B", "T", "C"))
     parser.add_argument("--variant", default="official")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--tile-len", type=int, default=None, help="tile_len of the new kernel (default: its own)")
     parser.add_argument("--compare", default=None, help="git ref of an older kernel to report side by side")
     parser.add_argument("--model", action="store_true", help="also rwkv_unet_b's WKV shapes at 224 and 512")
     parser.add_argument("--triton-python", default=DEFAULT_TRITON_PYTHON)

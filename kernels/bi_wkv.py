@@ -25,7 +25,7 @@ are plain multiply-adds by r or 1/r; row t then needs one more exp, EPS e^{o_t -
 (k, w, u pre-scaled by log2 e) so that each exp is one hardware exp2. Between tiles a sum travels as
 (reference exponent, scaled values) with its exact maximum as reference. Accuracy: a tile's sums span a
 factor e^{|w| L} at most, so results match the dense definition to float32 rounding while |w| L stays below
-~40 (|w| below ~1.3 per token at the default 32-token tiles; the models pass w = decay / T, far smaller);
+~40 (|w| below ~2.5 per token at the default 16-token tiles; the models pass w = decay / T, far smaller);
 beyond that, terms below e^{-87} of a row's largest are lost and, past |w| L ~ 85, sums overflow.
 
 Official weights for w n > 2. The same-chunk weight e^{-w(d-1)} + (1 - e^w) e^{w d} (token d places back)
@@ -51,9 +51,10 @@ The forward pass saves y, the scaled reciprocal denominators 1 / D_t and one ref
 the backward summary reads (g, y, 1/D) and the backward output rereads (k, v, g) and recomputes the forward
 tile instead of reading y and 1/D again. o_t (the scale of EPS) is held constant for differentiation.
 
-Traffic (float32 array-equivalents per token and channel): forward 5 (k, v read twice, y written), training
-step 14 (forward 6 with 1/D; backward summary 3; backward output 5), plus a few numbers per tile that only
-matter when p > 1 (T > 32 tile_len): ``traffic_summary`` states them.
+Traffic (float32 array-equivalents per token and channel): token arrays alone, forward 5 (k, v read twice, y
+written) and a training step 14 (forward 6 with 1/D; backward summary 3; backward output 5); the segment
+states add 24 (forward) and 46 (backward) floats per segment, i.e. about 0.96 and 1.84 at T = 784 (segments
+of 25 tokens), and segments of several tiles add 13 floats per tile: ``traffic_summary`` counts them.
 
 Lowering: Triton-backed Pallas on GPU (``CompilerParams`` from ``jax.experimental.pallas.triton``); arrays
 inside the kernels are rows of ``block_c`` channels (a power of two) and time indices are scalars, so T is
@@ -79,7 +80,7 @@ from .wkv_spec import EPS, check_inputs, chunk_length
 __all__ = ["bi_wkv_pallas", "default_interpret", "plan_summary", "traffic_summary"]
 
 _LOG2E = 1.4426950408889634
-_DEFAULT_TILE_LEN = 32  # compiled: rows per tile
+_DEFAULT_TILE_LEN = 16  # compiled: rows per tile (registers and Triton compile time grow with it)
 _DEFAULT_TILE_LEN_INTERPRET = 8  # interpret mode: short unrolled tiles compile quickly in XLA
 _DEFAULT_BLOCK_C = 32
 # Lower bound of a tile's reference exponent: finite, and far enough above EMPTY that 2^(EMPTY - kappa) is 0.
@@ -182,21 +183,25 @@ def plan_summary(tokens: int, channels: int, *, tile_len: int | None = None, blo
 
 
 def traffic_summary(tokens: int, channels: int, *, tile_len: int | None = None) -> dict:
-    """Nominal memory traffic in float32 array-equivalents (B*T*C*4 bytes): forward, backward, training."""
+    """Nominal memory traffic in float32 array-equivalents (B*T*C*4 bytes each), every read and write counted.
+
+    Token arrays: forward reads k, v twice and writes y; training adds 1/D. The backward summary reads g, y,
+    1/D; the backward output reads k, v, g and writes dk, dv. Per segment (per ``stride`` tokens): P and F
+    states (3 floats each) written, combined (read + written) and read; the backward's two states have 5
+    floats. Per tile when segments hold several tiles: F (3) and the backward's Q', S' (10) inside segments.
+    """
     plan = _Plan(True, 1, tokens, channels, _default_block_c(channels), tile_len or _DEFAULT_TILE_LEN, False)
-    per_tile = 1.0 / plan.rows  # one float per (tile, channel)
-    seg = 1.0 / plan.stride  # one float per (segment, channel)
-    sub = plan.sub > 1
-    forward = 5 + seg * (6 + 6 * 2 + 6)  # k, v twice, y; segment totals written, combined, read
-    fsub = 3 * per_tile * 2 if sub else 0.0  # F inside the segment: written by summary, read by output
-    training_fwd = 6 + seg * 24 + fsub + per_tile  # + 1/D and one exponent per tile
-    bwd_summary = 3 + per_tile + (10 * per_tile if sub else 0.0) + seg * 10
-    bwd_combine = seg * 30
-    bwd_output = 5 + (3 + 10) * per_tile * sub + seg * 16 + 2 * seg
+    tile, seg = 1.0 / plan.rows, 1.0 / plan.stride
+    looped = plan.sub > 1
+    forward = 5 + 24 * seg + (6 * tile if looped else 0.0)
+    training_forward = forward + 1 + tile  # 1/D and kappa per tile
+    bwd_summary = 3 + tile + 10 * seg + (10 * tile if looped else 0.0)
+    bwd_combine = 20 * seg
+    bwd_output = 5 + 16 * seg + 2 * seg + ((3 + 10) * tile if looped else 0.0)
     backward = bwd_summary + bwd_combine + bwd_output
     r = lambda x: round(x, 2)  # noqa: E731
-    return {"forward": r(forward + fsub), "training_forward": r(training_fwd), "backward": r(backward),
-            "training": r(training_fwd + backward)}
+    return {"forward": r(forward), "training_forward": r(training_forward), "backward": r(backward),
+            "training": r(training_forward + backward), "token_arrays_only": 14}
 
 
 # ------------------------------------------------------------------------------------------ small helpers
@@ -935,7 +940,7 @@ def bi_wkv_pallas(
     ``variant``: ``"official"`` (the shipped CUDA kernel's chunked semantics, models' default) or ``"paper"``.
     ``interpret``: None = compiled (Triton) on GPU, Pallas interpret mode elsewhere. ``block_c``: channels per
     program (power of two; default min(32, next power of two of C)). ``tile_len``: most tokens per tile (any
-    positive int; default 32 compiled, 8 interpreted); tiles follow the official 32-way chunks, and neither
+    positive int; default 16 compiled, 8 interpreted); tiles follow the official 32-way chunks, and neither
     parameter changes the result beyond float rounding. Accumulates in float32; float32, bfloat16 and
     float16 inputs; returns k's dtype.
     """
