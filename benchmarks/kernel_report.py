@@ -231,8 +231,11 @@ def compile_one(entry: dict, workdir: Path, triton_python: str) -> dict:
     worker = workdir / "worker.py"
     if not worker.exists():
         worker.write_text(_WORKER)
+    # A fresh cache per module: Triton's on-disk cache (~/.triton/cache) would otherwise turn a repeated
+    # measurement into a cache hit of under a second.
+    env = {**os.environ, "TRITON_CACHE_DIR": str(workdir / f"cache_{digest}")}
     proc = subprocess.run([triton_python, str(worker), str(path), str(entry["num_warps"]), str(entry["num_stages"])],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return {"error": proc.stderr[-2000:]}
     raw = json.loads(proc.stdout.strip().splitlines()[-1])
