@@ -4,62 +4,58 @@ Semantics: exactly ``rwkvunet_jax.wkv.bi_wkv(..., impl="naive")`` (see that modu
 official kernel's EPS * e^{o_t}. Per batch element and channel, y_t = N_t / D_t with N_t = sum_m W[t, m] v_m and
 D_t = sum_m W[t, m] + eps_t, W[t, m] = e^{k_m} f(t, m).
 
-Pieces. With r = e^{-w} and chunks of n = ceil(T / 32) tokens starting at s (official), row t's weights are
-sums of linear recurrences over tokens::
+Pieces. With r = e^{-w}, g = e^{w} and chunks of n = ceil(T / 32) tokens starting at s (official)::
 
-    P_t = sum_{m<t} e^{k_m - w(t-m)}             (all earlier tokens)           P_{t+1} = r (P_t + e^{k_t})
-    Q_t = sum_{s<=m<t} e^{k_m - w(t-m)}          (same chunk, restarts at s)
-    S_t = sum_{s<m<t} e^{k_m + w(t-m)}           (same chunk, restarts at s)
-    F_t = sum_{m>t} e^{k_m - w(m-t)}             (all later tokens, reverse recurrence)
+    P_t = sum_{m<t} e^{k_m} r^{t-m}                                   (all earlier tokens)
+    F_t = sum_{m>t} e^{k_m} r^{m-t}                                   (all later tokens)
+    B_t = sum_{m<s} e^{k_m} r^{t-m} + sum_{s<=m<t} e^{k_m} r^{t-m-1}  (B_s = P_s, then B_{t+1} = r B_t + e^{k_t})
+    S_t = sum_{s<m<t} e^{k_m} g^{t-m}                                 (same chunk)
 
-    official: N_t = P + F + (e^w - 1) [t>s] (Q - S) + (e^u + [t>s](1 - e^w)) e^{k_t} v_t   (D: v -> 1)
-    paper:    N_t = e^w (P + F) + e^u e^{k_t} v_t
+    official: N_t = B_t + F_t - (g - 1) S_t + (e^u + [t>s](1 - g)) e^{k_t} v_t     (D: v -> 1, plus eps_t)
+    paper:    N_t = g (P_t + F_t) + e^u e^{k_t} v_t
 
-(1 - e^w may be negative, so the pieces are summed only at the output.) o_t, the official kernel's running
-maximum that scales EPS, is a max-plus sum of the same shape (wkv.py's docstring) and is carried exactly with
-a few max/add per token.
+(1 - g may be negative, so the pieces are summed only at the output.) o_t, the official kernel's running
+maximum that scales EPS, is the max-plus analogue of the same sums: e^{o_t} = max(G_t, H_t, e^{u + k_t}) with
+G the largest term of B and H_t = g max(H_{t-1}, e^{k_t}) inside a chunk, H_s = max(e^{k_s}, largest term of F_s);
+both are carried with one multiply and one max per token.
 
-Numerics. Inside a tile of L tokens every sum is held relative to one reference exponent kappa (the largest
-key of the tile and of the states coming in), so a token costs one exp (e^{k - kappa}) and the recurrences
-are plain multiply-adds by r or 1/r; row t then needs one more exp, EPS e^{o_t - kappa}. Exponents are base 2
-(k, w, u pre-scaled by log2 e) so that each exp is one hardware exp2. Between tiles a sum travels as
-(reference exponent, scaled values) with its exact maximum as reference. Accuracy: a tile's sums span a
-factor e^{|w| L} at most, so results match the dense definition to float32 rounding while |w| L stays below
-~40 (|w| below ~2.5 per token at the default 16-token tiles; the models pass w = decay / T, far smaller);
-beyond that, terms below e^{-87} of a row's largest are lost and, past |w| L ~ 85, sums overflow.
+Numerics. Inside a tile of L tokens everything is held relative to one reference exponent kappa (the largest
+key of the tile and of the incoming sums), so a token costs one exp2 (of k log2 e - kappa) and the recurrences
+are multiply-adds by r or g (exponents are base 2: every exp is one hardware ex2). Between tiles a sum travels
+as (reference exponent, scaled values) whose reference is its exact largest term. Accuracy: a tile's sums span
+a factor e^{|w| L} at most, so results match the dense definition to float32 rounding while |w| L stays below
+~40 (|w| below ~1.4 per token at the default 28-token tiles; the models pass w = decay / T, far smaller).
 
 Official weights for w n > 2. The same-chunk weight e^{-w(d-1)} + (1 - e^w) e^{w d} (token d places back)
 turns negative once w d exceeds ~1 and dominates the row once w n exceeds ~2 (decay above ~64): D_t can
 then be small or negative and y_t large, exactly as the official kernel and the naive reference compute it.
 The kernel evaluates the same sums (no NaN or inf while |w| L is in range above); tests cover w n up to ~6.
 
-Parallel layout (``_Plan``). Tiles are aligned with the official chunks, so that only P and F cross tile
-boundaries: a *segment* is g = tile_len // n whole chunks when n <= tile_len (one tile), else one chunk cut
-into p tiles of ceil(n / p) tokens that one program walks in a loop. Segments number ceil(T / n / g) <= 32.
-The grid is (batch, channel blocks of ``block_c``, segments); three ``pallas_call``s per pass:
-
-1. ``summary``: each segment's P and F totals (and, when p > 1, the suffix of F inside the segment at
-   each tile, walking the tiles backwards);
-2. ``combine``: one program per (batch, channel block) scans the <= 32 segment totals both ways;
-3. ``output``: each segment walks its tiles forwards from the incoming states and writes y.
+Parallel layout (``_Plan``). Tiles follow the official chunks: a tile is g = tile_len // n whole chunks, or,
+when n > tile_len, one of p = ceil(n / tile_len) parts of a chunk (the paper variant tiles freely). A
+*segment* is q consecutive tiles (whole chunks) that one program walks in a loop; there are S = ceil(tiles /
+q) <= 32 segments per row, as few as still give about ``_RESIDENT_PROGRAMS`` one-warp programs (what an
+H100/H200 keeps resident at ~160 registers). The grid is (batch, channel blocks of ``block_c``, segments).
+Forward: ``summary`` (walks its tiles right to left: each segment's P and F totals and, inside the segment,
+F at each tile) and ``output`` (left to right: P, B, S carried, F from the summary; each program first
+scans the <= 31 other segments' totals). Backward: ``summary`` (left to right: recomputes D from k, reads g and
+y, and writes, per tile, the forward P it carried and the transposed sum F' of earlier rows; per segment the
+transposed totals) and ``output`` (right to left: recomputes the forward tile, carries F and the transposed
+sums of later rows, writes dk, dv and per-segment dw, du). Traffic: ``traffic_summary``.
 
 Backward: with alpha_t = g_t / D_t and beta_t = -alpha_t y_t, dv_m = e^{k_m} X^a_m and dk_m = v_m dv_m +
-e^{k_m} X^b_m, where X_m = sum_t f(t, m) c_t is the transposed operator: its pieces are F' (earlier rows,
-forward), P' (later rows), Q' and S' (later rows of the same chunk, restarting at chunk ends); dw carries
-d/dw of each piece (forward-mode tangents of the recurrences) and du = sum_t e^{u + k_t}(alpha_t v_t + beta_t).
-The forward pass saves y, the scaled reciprocal denominators 1 / D_t and one reference exponent per tile;
-the backward summary reads (g, y, 1/D) and the backward output rereads (k, v, g) and recomputes the forward
-tile instead of reading y and 1/D again. o_t (the scale of EPS) is held constant for differentiation.
-
-Traffic (float32 array-equivalents per token and channel): token arrays alone, forward 5 (k, v read twice, y
-written) and a training step 14 (forward 6 with 1/D; backward summary 3; backward output 5); the segment
-states add 24 (forward) and 46 (backward) floats per segment, i.e. about 0.96 and 1.84 at T = 784 (segments
-of 25 tokens), and segments of several tiles add 13 floats per tile: ``traffic_summary`` counts them.
+e^{k_m} X^b_m, where X_m = sum_t f(t, m) c_t is the transposed operator: F' (earlier rows), P' and B' (later
+rows; B' restarts at chunk ends), S' (later rows of the same chunk), each with its forward-mode tangent in w
+for dw; du = sum_t e^{u + k_t}(alpha_t v_t + beta_t). o_t (the scale of EPS) is held constant for
+differentiation. The compiled backward output rereads its tile's k and v (just read by the same program, so
+served by L1/L2) rather than holding them in registers across the reverse sweep.
 
 Lowering: Triton-backed Pallas on GPU (``CompilerParams`` from ``jax.experimental.pallas.triton``); arrays
 inside the kernels are rows of ``block_c`` channels (a power of two) and time indices are scalars, so T is
-arbitrary. Elsewhere the same code runs in Pallas interpret mode (with shorter default tiles, which keep
-XLA's compile of the unrolled rows quick; results do not depend on the tiling beyond float rounding).
+arbitrary. A tile is read and written as one 2-D block per array (one load or store in the Triton IR, whose
+compile time grows with the number of memory operations times the size of the code) and split into rows in
+registers. Elsewhere the same code runs in Pallas interpret mode, rows in a loop (shorter default tiles, which
+keep XLA's compile quick; results do not depend on the tiling beyond float rounding).
 """
 
 from __future__ import annotations
@@ -67,7 +63,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -75,22 +71,39 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from .wkv_spec import EMPTY_EXPONENT as _EMPTY
-from .wkv_spec import EPS, check_inputs, chunk_length
+from .wkv_spec import EPS, NUM_CHUNKS, check_inputs, chunk_length
 
 __all__ = ["bi_wkv_pallas", "default_interpret", "plan_summary", "traffic_summary"]
 
 _LOG2E = 1.4426950408889634
-_DEFAULT_TILE_LEN = 16  # compiled: rows per tile (registers and Triton compile time grow with it)
-_DEFAULT_TILE_LEN_INTERPRET = 8  # interpret mode: short unrolled tiles compile quickly in XLA
+_DEFAULT_TILE_LEN = 28  # compiled: most rows per tile (T = 784: one official chunk of 25 tokens per tile)
+_DEFAULT_TILE_LEN_INTERPRET = 8  # interpret mode: short tiles keep XLA's compile of the row loops quick
 _DEFAULT_BLOCK_C = 32
+# Segments per row: as few as still give about this many one-warp programs: 132 SMs x 12 resident warps of
+# ~160 registers (H100/H200). Fewer segments move fewer per-segment sums through memory.
+_RESIDENT_PROGRAMS = 132 * 12
 # Lower bound of a tile's reference exponent: finite, and far enough above EMPTY that 2^(EMPTY - kappa) is 0.
 _KAPPA_FLOOR = -1e29
 # Clamp of rescaling exponents (log2): 2^100 times a value that underflowed stays finite.
 _RESCALE_CAP = 100.0
 _SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+# Compiled: rows read or written after a tile's first sweep move in blocks of this many rows, each when first
+# needed (reads) or complete (writes), so that a tile's rows are not all live in registers at once.
+_ROW_BLOCK = 16
 # Test hook: run the compiled path's unrolled, row-at-a-time code in interpret mode too (tests set it; slow to
 # compile in XLA for long tiles).
 _UNROLL_IN_INTERPRETER = False
+
+
+def _div(x, n: int):
+    """x // n for x >= 0 (a Python int or traced int32). lax.div: jnp's // and % are calls with literal
+    operands, which the Triton lowering mis-binds inside a loop (operand types i32 and i1)."""
+    return x // n if isinstance(x, int) else lax.div(x, jnp.int32(n))
+
+
+def _rem(x, n: int):
+    """x % n for x >= 0 (see _div)."""
+    return x % n if isinstance(x, int) else lax.rem(x, jnp.int32(n))
 
 
 def default_interpret() -> bool:
@@ -111,6 +124,7 @@ class _Plan:
     tile_len: int
     interpret: bool
     unrolled: bool = False  # interpret mode only: see _UNROLL_IN_INTERPRETER
+    segments: int | None = None  # requested segments per row (None: from _RESIDENT_PROGRAMS)
 
     @property
     def looped(self) -> bool:
@@ -122,46 +136,68 @@ class _Plan:
         return chunk_length(self.tokens)
 
     @property
-    def num_chunks(self) -> int:
-        return -(-self.tokens // self.chunk)
+    def unit(self) -> int:  # tiles hold whole units (official chunks; single tokens for the paper variant)
+        return self.chunk if self.official else 1
 
     @property
-    def sub(self) -> int:  # p: tiles per segment
-        return 1 if self.chunk <= self.tile_len else -(-self.chunk // self.tile_len)
+    def per_unit(self) -> int:  # p: tiles per chunk (> 1: chunks split across tiles)
+        return -(-self.unit // self.tile_len)
 
     @property
-    def chunks_per_segment(self) -> int:  # g
-        return max(1, self.tile_len // self.chunk) if self.sub == 1 else 1
+    def split(self) -> bool:
+        return self.per_unit > 1
 
     @property
     def rows(self) -> int:  # L: rows per tile
-        if self.sub == 1:
-            return min(self.chunks_per_segment * self.chunk, self.tokens)
-        return -(-self.chunk // self.sub)
+        if self.split:
+            return -(-self.unit // self.per_unit)
+        return min((self.tile_len // self.unit) * self.unit, self.tokens)
 
     @property
-    def stride(self) -> int:  # tokens per segment
-        return self.chunks_per_segment * self.chunk
+    def num_units(self) -> int:
+        return -(-self.tokens // self.unit)
 
     @property
-    def num_segments(self) -> int:
-        return -(-self.num_chunks // self.chunks_per_segment)
+    def num_tiles(self) -> int:
+        return self.num_units * self.per_unit if self.split else -(-self.tokens // self.rows)
 
     @property
     def num_cblocks(self) -> int:
         return -(-self.channels // self.block_c)
 
     @property
+    def tiles_per_segment(self) -> int:  # q (a multiple of p)
+        units = self.num_tiles // self.per_unit
+        want = self.segments or -(-_RESIDENT_PROGRAMS // (self.batch * self.num_cblocks))
+        want = max(1, min(want, NUM_CHUNKS, units))
+        return self.per_unit * -(-units // want)
+
+    @property
+    def num_segments(self) -> int:
+        return -(-self.num_tiles // self.tiles_per_segment)
+
+    @property
+    def tile_slots(self) -> int:  # rows of the per-tile state arrays: every tile a program visits
+        return self.num_segments * self.tiles_per_segment
+
+    @property
     def num_warps(self) -> int:
         return max(1, min(4, self.block_c // 32))
 
-    def starts(self, j: Any) -> list[Any]:
-        """Per row of tile j of a segment: True / False / a traced bool, whether it starts an official chunk."""
-        if not self.official:
-            return [False] * self.rows
-        if self.sub == 1:
-            return [i % self.chunk == 0 for i in range(self.rows)]
-        return [j == 0] + [False] * (self.rows - 1)
+    def tile_start(self, tau):
+        """First token of tile tau (a Python int or a traced int32)."""
+        if self.split:
+            return _div(tau, self.per_unit) * self.unit + _rem(tau, self.per_unit) * self.rows
+        return tau * self.rows
+
+    def tile_end(self, tau):
+        """One past the last valid token of tile tau."""
+        if self.split:
+            return jnp.minimum((_div(tau, self.per_unit) + 1) * self.unit, self.tokens)
+        return jnp.minimum(tau * self.rows + self.rows, self.tokens)
+
+    def seg_start(self, s):
+        return self.tile_start(s * self.tiles_per_segment)
 
 
 def _tile_len_default(interpret: bool) -> int:
@@ -172,36 +208,50 @@ def _default_block_c(channels: int) -> int:
     return min(_DEFAULT_BLOCK_C, pl.next_power_of_2(channels))
 
 
-def plan_summary(tokens: int, channels: int, *, tile_len: int | None = None, block_c: int | None = None,
-                 interpret: bool = False) -> dict:
-    """Tiling the kernels use for (T, C): chunk n, segments, tiles per segment p, rows per tile, grid."""
-    plan = _Plan(True, 1, tokens, channels, block_c or _default_block_c(channels),
-                 tile_len or _tile_len_default(interpret), interpret)
-    return {"chunk": plan.chunk, "segments": plan.num_segments, "tiles_per_segment": plan.sub,
-            "rows_per_tile": plan.rows, "block_c": plan.block_c, "num_warps": plan.num_warps,
-            "grid_per_batch": (plan.num_cblocks, plan.num_segments)}
+def _make_plan(official: bool, batch: int, tokens: int, channels: int, *, tile_len: int | None = None,
+               block_c: int | None = None, segments: int | None = None, interpret: bool = False,
+               unrolled: bool = False) -> _Plan:
+    return _Plan(official, batch, tokens, channels, block_c or _default_block_c(channels),
+                 tile_len or _tile_len_default(interpret), interpret, unrolled, segments)
 
 
-def traffic_summary(tokens: int, channels: int, *, tile_len: int | None = None) -> dict:
+def plan_summary(tokens: int, channels: int, *, batch: int = 1, tile_len: int | None = None,
+                 block_c: int | None = None, segments: int | None = None, interpret: bool = False) -> dict:
+    """Tiling the kernels use for (B, T, C), official variant: chunk n, rows per tile, tiles, segments, grid."""
+    plan = _make_plan(True, batch, tokens, channels, tile_len=tile_len, block_c=block_c, segments=segments,
+                      interpret=interpret)
+    return {"chunk": plan.chunk, "rows_per_tile": plan.rows, "tiles_per_chunk": plan.per_unit,
+            "tiles": plan.num_tiles, "tiles_per_segment": plan.tiles_per_segment,
+            "segments": plan.num_segments, "block_c": plan.block_c, "num_warps": plan.num_warps,
+            "grid": (batch, plan.num_cblocks, plan.num_segments)}
+
+
+def traffic_summary(tokens: int, channels: int, *, batch: int = 1, tile_len: int | None = None,
+                    segments: int | None = None) -> dict:
     """Nominal memory traffic in float32 array-equivalents (B*T*C*4 bytes each), every read and write counted.
 
-    Token arrays: forward reads k, v twice and writes y; training adds 1/D. The backward summary reads g, y,
-    1/D; the backward output reads k, v, g and writes dk, dv. Per segment (per ``stride`` tokens): P and F
-    states (3 floats each) written, combined (read + written) and read; the backward's two states have 5
-    floats. Per tile when segments hold several tiles: F (3) and the backward's Q', S' (10) inside segments.
+    Token arrays: forward summary k, v; forward output k, v, y; backward summary k, g, y; backward output
+    k, v, g, dk, dv (13 for a training step). Per tile inside segments: F (3 floats) written by the forward
+    summary, read by the forward output and (2) the backward summary; the backward summary's P (3 + 7 when
+    chunks are split across tiles) and F' (5) read back by the backward output. Per segment: P and F totals
+    (6), the transposed totals (10) and dw, du (2) written once and read by the other segments' programs.
+    ``reread_cache`` is the backward output's second read of its own tile's k and v (L1/L2, not DRAM).
     """
-    plan = _Plan(True, 1, tokens, channels, _default_block_c(channels), tile_len or _DEFAULT_TILE_LEN, False)
-    tile, seg = 1.0 / plan.rows, 1.0 / plan.stride
-    looped = plan.sub > 1
-    forward = 5 + 24 * seg + (6 * tile if looped else 0.0)
-    training_forward = forward + 1 + tile  # 1/D and kappa per tile
-    bwd_summary = 3 + tile + 10 * seg + (10 * tile if looped else 0.0)
-    bwd_combine = 20 * seg
-    bwd_output = 5 + 16 * seg + 2 * seg + ((3 + 10) * tile if looped else 0.0)
-    backward = bwd_summary + bwd_combine + bwd_output
+    plan = _make_plan(True, batch, tokens, channels, tile_len=tile_len, segments=segments)
+    elems = tokens  # per channel and batch element
+    inner = plan.num_tiles - plan.num_segments  # tiles whose right neighbour is in the same segment
+    split_extra = 7 if plan.split else 0
+    per_tile_fwd = 3 + 3  # F written, read by the forward output
+    per_tile_bwd = 2 + (3 + split_extra + 5) * 2  # F read by the backward summary; P (+B, S, H) and F' w + r
+    S = plan.num_segments
+    reads = S * (S - 1)  # each program reads the totals of the S - 1 other segments, one direction each
+    fwd_states = 6 * S + 3 * reads  # totals written; the forward output reads P or F (3) of each other segment
+    bwd_states = 2 * reads + 3 * reads + 10 * S + 5 * reads + 2 * S  # bwd summary, bwd output; dw, du
     r = lambda x: round(x, 2)  # noqa: E731
-    return {"forward": r(forward), "training_forward": r(training_forward), "backward": r(backward),
-            "training": r(training_forward + backward), "token_arrays_only": 14}
+    forward = 5 + (per_tile_fwd * inner + fwd_states) / elems
+    backward = 8 + (per_tile_bwd * inner + bwd_states) / elems
+    return {"forward": r(forward), "backward": r(backward), "training": r(forward + backward),
+            "token_arrays_only": 13, "reread_cache": 2}
 
 
 # ------------------------------------------------------------------------------------------ small helpers
@@ -211,14 +261,18 @@ def _exp2(x):
     return jnp.exp2(x)
 
 
+def _log2(x):
+    return jnp.maximum(jnp.log2(x), _EMPTY)
+
+
 def _index(index: tuple) -> tuple:
     return tuple(jnp.int32(i) if isinstance(i, int) else i for i in index)
 
 
-def _load(ref, index, mask):
+def _load(ref, index, mask, other=0.0):
     from jax.experimental.pallas import triton as pltriton
 
-    return pltriton.load(ref.at[_index(index)], mask=mask, other=0.0).astype(jnp.float32)
+    return pltriton.load(ref.at[_index(index)], mask=mask, other=other).astype(jnp.float32)
 
 
 def _store(ref, index, value, mask):
@@ -236,8 +290,12 @@ def _select(flag, a, b):
     return jax.tree.map(lambda x, y: jnp.where(flag, x, y), a, b)
 
 
+def _not(flag):
+    return (not flag) if isinstance(flag, bool) else jnp.logical_not(flag)
+
+
 class _Sum(NamedTuple):
-    """sum_j x_j 2^{e_j} held as 2^{ref} * vals."""
+    """sum_j x_j 2^{e_j} held as 2^{ref} * vals (ref: the largest exponent, or an upper bound near it)."""
 
     ref: Any
     vals: tuple
@@ -254,7 +312,7 @@ def _rescale(vals, delta):
 
 
 def _shift(a: _Sum, steps, w2, rate: int) -> _Sum:
-    """The sum ``steps`` tokens later (rate -1: decays by e^{-w}, +1: grows); tangents (vals[2:]) follow."""
+    """The sum ``steps`` tokens on (rate -1: decays by e^{-w} per token, +1: grows); tangents (vals[2:]) follow."""
     vals = a.vals
     if len(vals) == 4:
         x1, x2, d1, d2 = vals
@@ -273,35 +331,24 @@ def _with_ref(a: _Sum, ref) -> tuple:
     return _rescale(a.vals, a.ref - ref)
 
 
-# ------------------------------------------------------------------------------------- forward tile body
+class _Consts(NamedTuple):
+    """Per-program constants of one channel block (log2 units; r = e^{-w}, g = e^{w})."""
+
+    w2: Any
+    u2: Any
+    r: Any
+    g: Any
+    eu: Any
+    em1: Any  # g - 1
+    c1g: Any  # (g - 1) g
+    c1gd: Any  # d/dw of (g - 1) g
 
 
-class _Fwd(NamedTuple):
-    """Forward state at a token boundary t (exponents in log2 units, exact maxima).
-
-    mg = max_{m<s} k_m - w(t-m); mq = max_{s<=m<t} k_m - w(t-m); hb = max_{s<m<t} k_m + w(t-m);
-    ks = k_s + w(t-s); p, a, b = (num, den) of P, Q, S relative to 2^{max(mg, mq)}, 2^{mq}, 2^{hb}.
-    """
-
-    mg: Any
-    mq: Any
-    hb: Any
-    ks: Any
-    p: tuple
-    a: tuple
-    b: tuple
-
-
-def _fwd_empty(zeros) -> _Fwd:
-    e = jnp.full_like(zeros, _EMPTY)
-    return _Fwd(e, e, e, e, (zeros, zeros), (zeros, zeros), (zeros, zeros))
-
-
-def _fwd_from_prefix(prefix: _Sum) -> _Fwd:
-    """State at a segment start (a chunk start) from the incoming P."""
-    zeros = jnp.zeros_like(prefix.ref)
-    e = jnp.full_like(zeros, _EMPTY)
-    return _Fwd(prefix.ref, e, e, e, prefix.vals, (zeros, zeros), (zeros, zeros))
+def _consts(w_ref, u_ref, cmask) -> _Consts:
+    w2 = _load(w_ref, (slice(None),), cmask) * _LOG2E
+    u2 = _load(u_ref, (slice(None),), cmask) * _LOG2E if u_ref is not None else jnp.zeros_like(w2)
+    r, g = _exp2(-w2), _exp2(w2)
+    return _Consts(w2, u2, r, g, _exp2(u2), g - 1.0, (g - 1.0) * g, (2.0 * g - 1.0) * g)
 
 
 # ------------------------------------------------------------------------------------------ rows of a tile
@@ -322,22 +369,26 @@ def _get(plan: _Plan, seq, i):
     return seq[i]
 
 
-def _seq_new(plan: _Plan, rows: int, like):
+def _seq_new(plan: _Plan, like):
     if plan.looped:
-        return jax.tree.map(lambda x: jnp.zeros((rows,) + x.shape, x.dtype), like)
-    return [None] * rows
+        return jax.tree.map(lambda x: jnp.zeros((plan.rows,) + x.shape, x.dtype), like)
+    return [None] * plan.rows
 
 
 def _set(plan: _Plan, seq, i, value):
     if plan.looped:
         return jax.tree.map(lambda a, x: lax.dynamic_update_index_in_dim(a, x, i, 0), seq, value)
+    if isinstance(seq, _RowWriter):
+        seq.put(i, value)
+        return seq
     seq = list(seq)
     seq[i] = value
     return seq
 
 
-def _sweep(plan: _Plan, rows: int, body, carry, reverse: bool = False):
+def _sweep(plan: _Plan, body, carry, reverse: bool = False):
     """carry = body(i, carry) for each row (reversed: last row first)."""
+    rows = plan.rows
     if plan.looped:
         return lax.fori_loop(0, rows, lambda j, c: body(rows - 1 - j if reverse else j, c), carry)
     for i in (reversed(range(rows)) if reverse else range(rows)):
@@ -351,133 +402,328 @@ def _seq_max(plan: _Plan, seq):
     return functools.reduce(jnp.maximum, seq[1:], seq[0])
 
 
-def _start(plan: _Plan, j, i):
-    """Whether row i of tile j of a segment starts an official chunk: a Python bool or a traced bool."""
+def _start(plan: _Plan, jj, i):
+    """Whether row i of tile jj of a segment starts an official chunk: a Python bool or a traced bool."""
     if not plan.official:
         return False
-    if plan.sub == 1:
-        return (i % plan.chunk) == 0
+    if plan.split:
+        if isinstance(i, int) and i > 0:
+            return False
+        first = _rem(jj, plan.per_unit) == 0
+        return first if isinstance(i, int) else jnp.logical_and(i == 0, first)
+    return _rem(i, plan.unit) == 0
+
+
+def _end(plan: _Plan, jj, i):
+    """Whether row i is the last row of its official chunk inside the tile (the tile's last row counts)."""
+    if not plan.official:
+        return False
+    last = plan.rows - 1
+    if plan.split:
+        if isinstance(i, int) and i < last:
+            return False
+        final = _rem(jj, plan.per_unit) == plan.per_unit - 1
+        return final if isinstance(i, int) else jnp.logical_and(i == last, final)
     if isinstance(i, int):
-        return (j == 0) if i == 0 else False
-    return jnp.logical_and(i == 0, j == 0)
-
-
-def _not(flag):
-    return (not flag) if isinstance(flag, bool) else jnp.logical_not(flag)
+        return i % plan.unit == plan.unit - 1 or i == last
+    return jnp.logical_or(_rem(i, plan.unit) == plan.unit - 1, i == last)
 
 
 class _Tile(NamedTuple):
-    """One tile's rows: log2 keys (EMPTY where invalid), values (0 where invalid), valid masks; tile index j."""
+    """One tile's rows: log2 keys (EMPTY where invalid), values (0 where invalid, or None), valid masks."""
 
     k2: Any
     v: Any
     valid: Any
-    j: Any
 
 
-# ------------------------------------------------------------------------------------- forward tile body
+class _Left(NamedTuple):
+    """Forward sums carried left to right, at a tile's first row: P; and, when official chunks are split
+    across tiles, B, S and log2 H of the chunk in progress (ignored at a chunk start)."""
+
+    p: _Sum
+    b: _Sum | None = None
+    s: _Sum | None = None
+    h: Any = None
 
 
-def _forward_tile(plan: _Plan, tile: _Tile, w2, u2, state: _Fwd, fut: _Sum):
-    """Run the forward recurrences over one tile; ``fut`` is F at the tile's last row.
+def _left_empty(plan: _Plan, zeros, nv: int) -> _Left:
+    p = _empty_sum(zeros, nv)
+    if plan.official and plan.split:
+        return _Left(p, p, p, jnp.full_like(zeros, _EMPTY))
+    return _Left(p)
 
-    Returns (state at the row after the tile, kappa, rows) with rows = (num, den + eps) per row, relative to
-    2^{kappa}.
+
+def _left_shift(left: _Left, steps, w2) -> _Left:
+    if left.b is None:
+        return _Left(_shift(left.p, steps, w2, -1))
+    return _Left(_shift(left.p, steps, w2, -1), _shift(left.b, steps, w2, -1), _shift(left.s, steps, w2, +1),
+                 left.h + steps * w2)
+
+
+# ------------------------------------------------------------------------------------- forward tile bodies
+
+
+def _kappa(plan: _Plan, tile: _Tile, left: _Left, fut: _Sum):
+    """A tile's reference exponent: its largest key and the references of the sums entering it."""
+    kappa = jnp.maximum(jnp.maximum(_seq_max(plan, tile.k2), left.p.ref), jnp.maximum(fut.ref, _KAPPA_FLOOR))
+    if left.b is not None:
+        kappa = jnp.maximum(kappa, jnp.maximum(jnp.maximum(left.b.ref, left.s.ref), left.h))
+    return kappa
+
+
+def _fwd_tile(plan: _Plan, c: _Consts, tile: _Tile, kappa, left: _Left, fut: _Sum, jj, finish, finish_init,
+              out_rows, *, want_left: bool, want_first: bool):
+    """The forward sums of one tile from the sums entering it (``left`` at row 0, ``fut`` = F at row L - 1).
+
+    Rows carry (num, den) when tile.v is given, else (den,). Each row's x = (num, den + eps) or (den + eps,),
+    relative to 2^kappa, goes to ``finish(i, x, e_i, (e_i v_i, e_i), carry) -> (stored, carry)`` as soon as it
+    is known, so that no row of sums stays live; ``out_rows`` (None, or from _seq_new / _out_rows) keeps what
+    it returns. Returns (out_rows, final carry, the left state at row L or None, F at row -1 or None).
     """
-    num_rows = plan.rows
-    pref = jnp.maximum(state.mg, state.mq)
-    kappa = jnp.maximum(_seq_max(plan, tile.k2), pref)
-    kappa = jnp.maximum(jnp.maximum(kappa, state.hb), jnp.maximum(fut.ref, _KAPPA_FLOOR))
-    r, g = _exp2(-w2), _exp2(w2)
+    nv = 1 if tile.v is None else 2
+    L = plan.rows
+    w2, r, g = c.w2, c.r, c.g
+    split = left.b is not None
     e = _map(plan, lambda k: _exp2(k - kappa), tile.k2)
-    ev = _map(plan, lambda a, b: a * b, e, tile.v)
+    ew = _map(plan, lambda x, v: (x * v, x), e, tile.v) if nv == 2 else _map(plan, lambda x: (x,), e)
     zeros = jnp.zeros_like(w2)
+    empty = jnp.full_like(w2, _EMPTY)
+    internal = plan.official and not plan.split and plan.rows > plan.unit  # chunk starts after row 0
 
-    # Backward sweep: F (exclusive) per row and, official, the exact future maximum Mf_i = zf + w2 i.
+    # Reverse sweep: phi_i = F_i / r per row; zf = max_{m>i} k2_m - w2 m (F's largest term at chunk starts and
+    # F's reference at row -1); zp = max_m k2_m + w2 m (P's reference at row L).
     def back(i, carry):
-        f, zf, rows = carry
-        rows = _set(plan, rows, i, (f[0], f[1], zf + w2 * i))
-        zf = jnp.maximum(zf, _get(plan, tile.k2, i) - w2 * i)
-        f = (r * (f[0] + _get(plan, ev, i)), r * (f[1] + _get(plan, e, i)))
-        return f, zf, rows
+        phi, zf, zp, rows = carry
+        rows = _set(plan, rows, i, (phi, zf) if plan.official else (phi,))
+        k = _get(plan, tile.k2, i)
+        phi = tuple(r * x + y for x, y in zip(phi, _get(plan, ew, i)))
+        if plan.official or want_first:
+            zf = jnp.maximum(zf, k - w2 * i)
+        if want_left:
+            zp = jnp.maximum(zp, k + w2 * i)
+        return phi, zf, zp, rows
 
-    f0 = _rescale(fut.vals, fut.ref - kappa)
-    _, _, f_rows = _sweep(plan, num_rows, back, (f0, fut.ref - w2 * (num_rows - 1),
-                                                 _seq_new(plan, num_rows, (zeros,) * 3)), reverse=True)
+    phi0 = tuple(x * g for x in _with_ref(fut, kappa))
+    like = ((zeros,) * nv, zeros) if plan.official else ((zeros,) * nv,)
+    phi_first, zf_all, zp_all, back_rows = _sweep(plan, back, (phi0, empty, empty, _seq_new(plan, like)),
+                                                  reverse=True)
+    mp0 = _exp2(jnp.minimum(left.p.ref - kappa, _RESCALE_CAP))  # P's largest term at row 0, relative to kappa
+    pi0 = tuple(x * mp0 * g for x in left.p.vals)  # pi = P / r
+    if split:
+        b0 = _with_ref(left.b, kappa)
+        sg0 = tuple(x * r for x in _with_ref(left.s, kappa))  # sigma = S / g
+        G0 = _exp2(jnp.minimum(left.b.ref - kappa, _RESCALE_CAP))
+        H0 = _exp2(jnp.minimum(left.h - kappa, _RESCALE_CAP))
+    else:
+        b0, sg0, G0, H0 = (zeros,) * nv, (zeros,) * nv, zeros, zeros
 
-    # Forward sweep. Maxima in z-form (no rounding piles up): Mg_i = zmg - w2 i, Mq_i = zmq - w2 i,
-    # Hb_i = zhb + w2 i, KS_i = zks + w2 i.
-    em1, eu = g - 1.0, _exp2(u2)
-    wpos = jnp.maximum(w2, 0.0)
-    empty = jnp.full_like(w2, _EMPTY)
-
-    def forward(i, carry):
-        zmg, zmq, zhb, zks, p, a, b, rows = carry
-        k, ei, evi = _get(plan, tile.k2, i), _get(plan, e, i), _get(plan, ev, i)
-        fa, fb, mf = _get(plan, f_rows, i)
-        start = _start(plan, tile.j, i)
-        keep = _not(start)
+    def fwd(i, carry):
+        pi, bb, sg, G, H, mp, fc, rows = carry
+        ei, ewi = _get(plan, e, i), _get(plan, ew, i)
         if plan.official:
+            phi, zf = _get(plan, back_rows, i)
+            start = _start(plan, jj, i)
+            keep = _not(start)
             if start is not False:
-                zmg = _select(start, jnp.maximum(zmg, zmq), zmg)
-                zmq = _select(start, empty, zmq)
-                zhb = _select(start, empty, zhb)
-                zks = _select(start, k - w2 * i, zks)
-            hr = jnp.maximum(zhb + w2 * i, _select(keep, k, empty))
-            top = jnp.maximum(jnp.maximum(zmg, zmq + w2) - w2 * i, mf)
-            top = jnp.maximum(jnp.maximum(top, zks + w2 * i), jnp.maximum(hr + wpos, u2 + k))
-            eps = EPS * _exp2(top - kappa)
-            c1 = _select(keep, em1, zeros)
-            c2 = eu - c1
-            num = p[0] + fa + c1 * (a[0] - b[0]) + c2 * evi
-            den = p[1] + fb + c1 * (a[1] - b[1]) + c2 * ei + eps
+                mf = _exp2(jnp.minimum(jnp.maximum(zf + w2 * i, fut.ref - w2 * (L - 1 - i)) - kappa, _RESCALE_CAP))
+                bb = _select(start, tuple(r * x for x in pi), bb)
+                sg = _select(start, (zeros,) * nv, sg)
+                G = _select(start, mp, G)
+                H = _select(start, jnp.maximum(ei, mf), g * jnp.maximum(H, ei))
+            else:
+                H = g * jnp.maximum(H, ei)
+            c2 = _select(keep, c.eu - c.em1, c.eu)
+            x = tuple(b + r * f - c.c1g * s_ + c2 * y for b, f, s_, y in zip(bb, phi, sg, ewi))
+            eps = EPS * jnp.maximum(jnp.maximum(G, H), c.eu * ei)
+            x = x[:-1] + (x[-1] + eps,)
         else:
-            num = g * (p[0] + fa) + eu * evi
-            den = g * (p[1] + fb) + eu * ei
-        rows = _set(plan, rows, i, (num, den))
-        # Advance to row i + 1.
-        p = (r * (p[0] + evi), r * (p[1] + ei))
+            (phi,) = _get(plan, back_rows, i)
+            x = tuple(p + f + c.eu * y for p, f, y in zip(pi, phi, ewi))
+        stored, fc = finish(i, x, ei, ewi, fc)
+        if out_rows is not None:
+            rows = _set(plan, rows, i, stored)
+        pi = tuple(r * p + y for p, y in zip(pi, ewi))
         if plan.official:
-            kr, kg = _select(keep, r, zeros), _select(keep, g, zeros)
-            a = (kr * a[0] + r * evi, kr * a[1] + r * ei)
-            b = (kg * (b[0] + evi), kg * (b[1] + ei))
-            zhb = _select(keep, jnp.maximum(zhb, k - w2 * i), zhb)
-        zmq = jnp.maximum(zmq, k + w2 * i)
-        return zmg, zmq, zhb, zks, p, a, b, rows
+            bb = tuple(r * b + y for b, y in zip(bb, ewi))
+            # S excludes the chunk's first token: sigma stays 0 past a start row.
+            sg = _select(start, (zeros,) * nv, tuple(g * s_ + y for s_, y in zip(sg, ewi)))
+            G = jnp.maximum(r * G, ei)
+            if internal:  # P's largest term, for the next chunk start in the tile
+                mp = r * jnp.maximum(mp, ei)
+        return pi, bb, sg, G, H, mp, fc, rows
 
-    init = (state.mg, state.mq, state.hb, state.ks, _rescale(state.p, pref - kappa),
-            _rescale(state.a, state.mq - kappa), _rescale(state.b, state.hb - kappa),
-            _seq_new(plan, num_rows, (zeros, zeros)))
-    zmg, zmq, zhb, zks, p, a, b, rows = _sweep(plan, num_rows, forward, init)
-    n = float(num_rows)
-    mg, mq, hb, ks = zmg - w2 * n, zmq - w2 * n, zhb + w2 * n, zks + w2 * n
-    out = _Fwd(mg, mq, hb, ks, _rescale(p, kappa - jnp.maximum(mg, mq)), _rescale(a, kappa - mq),
-               _rescale(b, kappa - hb))
-    return out, kappa, rows
+    pi, bb, sg, G, H, _, fc, rows = _sweep(plan, fwd, (pi0, b0, sg0, G0, H0, mp0, finish_init, out_rows))
+    left_out = None
+    if want_left:
+        pref = jnp.maximum(left.p.ref, zp_all) - w2 * L
+        p_out = _Sum(pref, _rescale(tuple(r * x for x in pi), kappa - pref))
+        if split:
+            bref = kappa + _log2(G)
+            sref = kappa + _log2(g * sg[-1])
+            left_out = _Left(p_out, _Sum(bref, _rescale(bb, kappa - bref)),
+                             _Sum(sref, _rescale(tuple(g * x for x in sg), kappa - sref)), kappa + _log2(H))
+        else:
+            left_out = _Left(p_out)
+    first = None
+    if want_first:
+        fref = jnp.maximum(zf_all - w2, fut.ref - w2 * L)
+        first = _Sum(fref, _rescale(tuple(r * x for x in phi_first), kappa - fref))
+    return rows, fc, left_out, first
 
 
-def _forward_local(plan: _Plan, tile: _Tile, w2):
-    """Sums of one tile from empty states: (P at the row after the tile, F at the row before it)."""
-    num_rows = plan.rows
+def _fwd_local(plan: _Plan, c: _Consts, tile: _Tile):
+    """Sums of one tile alone: (P at row L, F at row -1), each with its exact largest term as reference."""
     kappa = jnp.maximum(_seq_max(plan, tile.k2), _KAPPA_FLOOR)
-    r = _exp2(-w2)
-    e = _map(plan, lambda k: _exp2(k - kappa), tile.k2)
-    ev = _map(plan, lambda a, b: a * b, e, tile.v)
-    zeros = jnp.zeros_like(w2)
-    empty = jnp.full_like(w2, _EMPTY)
+    ew = _map(plan, lambda k, v: (_exp2(k - kappa) * v, _exp2(k - kappa)), tile.k2, tile.v)
+    zeros = jnp.zeros_like(c.w2)
+    empty = jnp.full_like(c.w2, _EMPTY)
 
     def step(sign):
         def body(i, carry):
             x, z = carry
-            z = jnp.maximum(z, _get(plan, tile.k2, i) + sign * w2 * i)
-            return (r * (x[0] + _get(plan, ev, i)), r * (x[1] + _get(plan, e, i))), z
+            z = jnp.maximum(z, _get(plan, tile.k2, i) + sign * c.w2 * i)
+            return tuple(c.r * a + b for a, b in zip(x, _get(plan, ew, i))), z
         return body
 
-    p, zp = _sweep(plan, num_rows, step(+1.0), ((zeros, zeros), empty))
-    f, zf = _sweep(plan, num_rows, step(-1.0), ((zeros, zeros), empty), reverse=True)
-    p_ref = zp - w2 * num_rows  # max_i k_i - w (L - i)
-    f_ref = zf - w2  # max_i k_i - w (i + 1)
-    return _Sum(p_ref, _rescale(p, kappa - p_ref)), _Sum(f_ref, _rescale(f, kappa - f_ref))
+    p, zp = _sweep(plan, step(+1.0), ((zeros, zeros), empty))
+    f, zf = _sweep(plan, step(-1.0), ((zeros, zeros), empty), reverse=True)
+    p_ref = zp - c.w2 * plan.rows  # max_i k_i - w (L - i)
+    f_ref = zf - c.w2  # max_i k_i - w (i + 1)
+    return (_Sum(p_ref, _rescale(tuple(c.r * x for x in p), kappa - p_ref)),
+            _Sum(f_ref, _rescale(tuple(c.r * x for x in f), kappa - f_ref)))
+
+
+# ------------------------------------------------------------------------------------ backward tile bodies
+# Transposed sums carry (a, b, da, db): the sums of alpha and beta and their tangents d/dw. A sum X' = X / r
+# (or X / g) obeys X'_next = fac X' + c: one multiply-add per token.
+
+
+def _alpha_beta(x, gi, yi, ok, cs):
+    """(alpha, beta) of one row relative to the transposed reference: alpha = g / D, beta = -alpha y."""
+    inv = 1.0 / jnp.where(ok, x[-1], 1.0)
+    a = gi * cs * inv
+    return a, -a * (x[0] * inv if yi is None else yi)
+
+
+def _prime_from(a: _Sum, ref, g):
+    """Transposed sum X and tangent dX relative to 2^ref, as (g X, g (X + dX)) = (X / r, its tangent)."""
+    x1, x2, d1, d2 = _with_ref(a, ref)
+    return (g * x1, g * x2, g * (x1 + d1), g * (x2 + d2))
+
+
+def _advance(x, ca, cb, fac, rate: int):
+    """One token of X' = fac X' + c with its tangent (d fac / dw = rate fac)."""
+    a, b, da, db = x
+    return (fac * a + ca, fac * b + cb, fac * (da + rate * a), fac * (db + rate * b))
+
+
+def _unprime(x, r):
+    """(X, dX) from X' = X / r and its tangent: X = r X', dX = r (dX' - X')."""
+    a, b, da, db = x
+    return (r * a, r * b, r * (da - a), r * (db - b))
+
+
+def _bwd_local(plan: _Plan, c: _Consts, tile: _Tile, gs, ys, left: _Left, fut: _Sum, fprime: _Sum, jj):
+    """Backward summary of one tile: the left state at row L, F' at row L and the tile's own P' at row -1."""
+    kappa = _kappa(plan, tile, left, fut)
+    lam = jnp.maximum(-kappa, fprime.ref)
+    cs = _exp2(-kappa - lam)
+    zeros = jnp.zeros_like(c.w2)
+
+    def finish(i, x, ei, ewi, carry):
+        fp, ploc, rho = carry
+        a, b = _alpha_beta(x, _get(plan, gs, i), _get(plan, ys, i), _get(plan, tile.valid, i), cs)
+        k = i + 1.0  # the tile's P' at row -1: sum_i r^{i+1} c_i and its tangent
+        ploc = (ploc[0] + rho * a, ploc[1] + rho * b, ploc[2] - k * rho * a, ploc[3] - k * rho * b)
+        return None, (_advance(fp, a, b, c.r, -1), ploc, rho * c.r)
+
+    init = (_prime_from(fprime, lam, c.g), (zeros,) * 4, c.r)
+    _, (fp, ploc, _), left_out, _ = _fwd_tile(plan, c, tile, kappa, left, fut, jj, finish, init, None,
+                                              want_left=True, want_first=False)
+    return left_out, _Sum(lam, _unprime(fp, c.r)), _Sum(lam, ploc)
+
+
+def _bwd_tile(plan: _Plan, c: _Consts, tile: _Tile, gs, left: _Left, fut: _Sum, fprime: _Sum, right, jj,
+              reload, outs):
+    """Backward output of one tile. ``right`` = (P', B', S') at row L - 1 (B', S' None unless split).
+
+    ``reload(kappa)``, compiled, returns a function of the row giving (e, e v) again from a second read of k
+    and v, so that they need not stay live across the sweeps. Rows of (dk, dv) go to ``outs``. Returns
+    (outs, F at row -1, (P', B', S') at row -1, dw, du).
+    """
+    pright, bright, sright = right
+    kappa = _kappa(plan, tile, left, fut)
+    lam = jnp.maximum(jnp.maximum(-kappa, fprime.ref), pright.ref)
+    if bright is not None:
+        lam = jnp.maximum(lam, jnp.maximum(bright.ref, sright.ref))
+    cs = _exp2(-kappa - lam)
+    sc = _exp2(jnp.minimum(kappa + lam, _RESCALE_CAP))  # e^{k} relative to the transposed reference
+    r, g = c.r, c.g
+    zeros = jnp.zeros_like(c.w2)
+
+    # Forward sweep (with the forward recompute): alpha, beta; F' (earlier rows) per row; its dw share; du.
+    def finish(i, x, ei, ewi, carry):
+        fp, dw, du = carry
+        a, b = _alpha_beta(x, _get(plan, gs, i), None, _get(plan, tile.valid, i), cs)
+        xa, xb, dxa, dxb = _unprime(fp, r) if plan.official else fp
+        dw = dw + ewi[0] * dxa + ei * dxb
+        du = du + ewi[0] * a + ei * b
+        return (a, b, xa, xb), (_advance(fp, a, b, r, -1), dw, du)
+
+    init = (_prime_from(fprime, lam, g), zeros, zeros)
+    rows, (_, dw, du), _, first = _fwd_tile(plan, c, tile, kappa, left, fut, jj, finish, init,
+                                            _seq_new(plan, (zeros,) * 4), want_left=False, want_first=True)
+    if reload is not None:
+        erow = reload(kappa)
+    else:
+        e = _map(plan, lambda k: _exp2(k - kappa), tile.k2)
+        ev = _map(plan, lambda x, v: x * v, e, tile.v)
+        erow = lambda i: (_get(plan, e, i), _get(plan, ev, i))  # noqa: E731
+
+    # Reverse sweep: P' and, official, B' and S' (later rows); outputs.
+    def back(i, carry):
+        pp, bp, sp, dw, outs = carry
+        a, b, xa, xb = _get(plan, rows, i)
+        if plan.official:
+            end = _end(plan, jj, i)
+            if end is not False:
+                bp = _select(end, _unprime(pp, r), bp)
+                sp = _select(end, (zeros,) * 4, sp)
+            keep = _not(_start(plan, jj, i))
+            # (lax.select on arrays: jnp.where(keep, 1.0, 0.0) is a call with literal operands, which the
+            # Triton lowering mis-binds inside a loop)
+            kf = (1.0 if keep else 0.0) if isinstance(keep, bool) else lax.select(
+                jnp.broadcast_to(keep, zeros.shape), jnp.ones_like(zeros), zeros)
+            c2 = c.eu - kf * c.em1
+            xa = xa + bp[0] - (kf * c.c1g) * sp[0] + c2 * a
+            xb = xb + bp[1] - (kf * c.c1g) * sp[1] + c2 * b
+            dxa = bp[2] - kf * (c.c1g * sp[2] + c.c1gd * sp[0] + g * a)
+            dxb = bp[3] - kf * (c.c1g * sp[3] + c.c1gd * sp[1] + g * b)
+        else:
+            xa, xb = xa + pp[0] + c.eu * a, xb + pp[1] + c.eu * b
+            dxa, dxb = pp[2], pp[3]
+        ei, evi = erow(i)
+        outs = _set(plan, outs, i, (sc * (evi * xa + ei * xb), sc * (ei * xa)))
+        dw = dw + evi * dxa + ei * dxb
+        pp = _advance(pp, a, b, r, -1)
+        if plan.official:
+            bp = _advance(bp, a, b, r, -1)
+            sp = _advance(sp, a, b, g, +1)
+        return pp, bp, sp, dw, outs
+
+    pp0 = _prime_from(pright, lam, g)
+    if bright is not None:
+        bp0, sp0 = _with_ref(bright, lam), _with_ref(sright, lam)
+        sp0 = (r * sp0[0], r * sp0[1], r * (sp0[2] - sp0[0]), r * (sp0[3] - sp0[1]))  # S' / g and its tangent
+    else:
+        bp0 = sp0 = (zeros,) * 4
+    pp, bp, sp, dw, outs = _sweep(plan, back, (pp0, bp0, sp0, dw, outs), reverse=True)
+    right_out = [_Sum(lam, _unprime(pp, r)), None, None]
+    if bright is not None:
+        right_out[1] = _Sum(lam, bp)
+        right_out[2] = _Sum(lam, (g * sp[0], g * sp[1], g * (sp[2] + sp[0]), g * (sp[3] + sp[1])))
+    return outs, first, tuple(right_out), sc * dw, c.eu * sc * du
 
 
 # ------------------------------------------------------------------------------------------ kernel plumbing
@@ -487,50 +733,195 @@ def _channel_mask(plan: _Plan, cblock) -> jax.Array:
     return cblock * plan.block_c + lax.broadcasted_iota(jnp.int32, (plan.block_c,), 0) < plan.channels
 
 
-def _tile_start(plan: _Plan, s, j):
-    return s * plan.stride + j * plan.rows
+def _rows_split(x, n: int, width: int) -> list:
+    parts = jnp.split(x, x.shape[0], axis=0) if x.shape[0] > 1 else [x]
+    return [p.reshape(width) for p in parts[:n]]
 
 
-def _valid(plan: _Plan, s, t0, cmask):
-    """Per-row masks of the tile starting at t0 of segment s (rows past the segment or T are invalid)."""
-    end = jnp.minimum((s + 1) * plan.stride, plan.tokens)
+def _rows_join(rows: list, padded: int):
+    """(padded, width) from rows (stacked in pairs along a new last axis, then transposed back)."""
+    xs = list(rows) + [jnp.zeros_like(rows[0])] * (padded - len(rows))
+    while len(xs) > 1:
+        xs = [jnp.stack([a, b], axis=-1) for a, b in zip(xs[::2], xs[1::2])]
+    x = xs[0]
+    nb = x.ndim - 1
+    return jnp.transpose(x, tuple(range(nb, 0, -1)) + (0,)).reshape(padded, -1)
+
+
+def _block_index(plan: _Plan, start, count: int, width: int):
+    """Index arrays of rows start .. start + count - 1 (padded to a power of two) x ``width`` lanes.
+
+    Compiled, the lane index is multiplied by a run-time 1 so that Triton sees no contiguity along the lanes:
+    it then gives each thread one lane's column of rows (no vectorised load and no shuffle through shared
+    memory to split it into rows).
+    """
+    padded = pl.next_power_of_2(count)
+    one = jnp.minimum(pl.program_id(0), 0) + 1
+    rows = start + lax.broadcasted_iota(jnp.int32, (padded, width), 0)
+    lanes = lax.broadcasted_iota(jnp.int32, (padded, width), 1) * one
+    return padded, rows, lanes
+
+
+def _load_block(plan: _Plan, ref, start, count: int, row_ok, cmask, prefix=(), other=0.0) -> list:
+    """Rows start .. start + count - 1 of ``ref`` (index ``prefix`` first) as a list of (block_c,) rows."""
+    if plan.interpret:
+        padded = pl.next_power_of_2(count)
+        iota = lax.broadcasted_iota(jnp.int32, (padded, plan.block_c), 0)
+        mask = (iota < count) & row_ok(start + iota) & cmask[None, :]
+        x = _load(ref, prefix + (pl.ds(start, padded), slice(None)), mask, other)
+    else:
+        padded, rows, lanes = _block_index(plan, start, count, plan.block_c)
+        iota = rows - start
+        mask = (iota < count) & row_ok(rows) & cmask[None, :]
+        x = _load(ref, prefix + (rows, lanes), mask, other)
+    return _rows_split(x, count, plan.block_c)
+
+
+def _store_block(plan: _Plan, ref, start, rows: list, row_ok, cmask, prefix=()) -> None:
+    count = len(rows)
+    if plan.interpret:
+        padded = pl.next_power_of_2(count)
+        iota = lax.broadcasted_iota(jnp.int32, (padded, plan.block_c), 0)
+        mask = (iota < count) & row_ok(start + iota) & cmask[None, :]
+        _store(ref, prefix + (pl.ds(start, padded), slice(None)), _rows_join(rows, padded), mask)
+        return
+    padded, idx, lanes = _block_index(plan, start, count, plan.block_c)
+    mask = (idx - start < count) & row_ok(idx) & cmask[None, :]
+    _store(ref, prefix + (idx, lanes), _rows_join(rows, padded), mask)
+
+
+def _load_tile_rows(plan: _Plan, ref, t0, end, cmask, other=0.0):
+    """A tile's rows of one token array: rows list (compiled) or a (rows, block_c) block (interpret)."""
     if plan.looped:
-        rows = t0 + lax.broadcasted_iota(jnp.int32, (plan.rows, plan.block_c), 0)
-        return (rows < end) & cmask[None, :]
+        iota = lax.broadcasted_iota(jnp.int32, (plan.rows, plan.block_c), 0)
+        return _load(ref, (pl.ds(t0, plan.rows), slice(None)), (t0 + iota < end) & cmask[None, :], other)
+    return _load_block(plan, ref, t0, plan.rows, lambda t: t < end, cmask, other=other)
+
+
+def _store_tile_rows(plan: _Plan, ref, t0, end, cmask, rows) -> None:
+    if plan.looped:
+        iota = lax.broadcasted_iota(jnp.int32, (plan.rows, plan.block_c), 0)
+        _store(ref, (pl.ds(t0, plan.rows), slice(None)), rows, (t0 + iota < end) & cmask[None, :])
+        return
+    _store_block(plan, ref, t0, list(rows), lambda t: t < end, cmask)
+
+
+class _LazyRows:
+    """Compiled: a tile's rows of one token array, read in blocks of _ROW_BLOCK rows when first indexed."""
+
+    def __init__(self, plan: _Plan, ref, t0, end, cmask, other=0.0, fn=None):
+        self.args, self.other, self.fn, self.blocks = (plan, ref, t0, end, cmask), other, fn, {}
+
+    def __getitem__(self, i: int):
+        plan, ref, t0, end, cmask = self.args
+        blk, off = divmod(i, _ROW_BLOCK)
+        if blk not in self.blocks:
+            lo = blk * _ROW_BLOCK
+            rows = _load_block(plan, ref, t0 + lo, min(_ROW_BLOCK, plan.rows - lo), lambda t: t < end, cmask,
+                               other=self.other)
+            self.blocks[blk] = [self.fn(x) for x in rows] if self.fn else rows
+        return self.blocks[blk][off]
+
+
+class _RowWriter:
+    """Compiled: rows of one or more token arrays written in blocks of _ROW_BLOCK rows once complete."""
+
+    def __init__(self, plan: _Plan, refs, t0, end, cmask):
+        self.args, self.refs, self.pending = (plan, t0, end, cmask), refs, {}
+
+    def put(self, i: int, value) -> None:
+        plan, t0, end, cmask = self.args
+        blk = i // _ROW_BLOCK
+        rows = self.pending.setdefault(blk, {})
+        rows[i] = value
+        lo, hi = blk * _ROW_BLOCK, min((blk + 1) * _ROW_BLOCK, plan.rows)
+        if len(rows) == hi - lo:
+            values = [rows[j] for j in range(lo, hi)]
+            for n, ref in enumerate(self.refs):
+                part = [x[n] for x in values] if len(self.refs) > 1 else values
+                _store_block(plan, ref, t0 + lo, part, lambda t: t < end, cmask)
+
+
+def _late_rows(plan: _Plan, ref, t0, end, cmask, other=0.0, fn=None):
+    """Rows needed only after the tile's first sweep: an array (interpret) or _LazyRows (compiled)."""
+    if plan.looped:
+        x = _load_tile_rows(plan, ref, t0, end, cmask, other)
+        return fn(x) if fn else x
+    return _LazyRows(plan, ref, t0, end, cmask, other, fn)
+
+
+def _out_rows(plan: _Plan, refs, t0, end, cmask, like):
+    """Where a sweep puts its output rows: an array carried through the loop, or a _RowWriter."""
+    if plan.looped:
+        return _seq_new(plan, like)
+    return _RowWriter(plan, refs, t0, end, cmask)
+
+
+def _flush_rows(plan: _Plan, refs, t0, end, cmask, rows) -> None:
+    if plan.looped:
+        for n, ref in enumerate(refs):
+            _store_tile_rows(plan, ref, t0, end, cmask, rows[n] if len(refs) > 1 else rows)
+
+
+def _valid_rows(plan: _Plan, t0, end, cmask):
+    if plan.looped:
+        iota = lax.broadcasted_iota(jnp.int32, (plan.rows, plan.block_c), 0)
+        return (t0 + iota < end) & cmask[None, :]
     return [cmask & (t0 + i < end) for i in range(plan.rows)]
 
 
-def _load_rows(plan: _Plan, ref, t0, valid):
-    """Rows t0 .. t0 + rows - 1 (0 where invalid): a list of row loads (compiled) or one block (interpret)."""
-    if plan.looped:
-        return _load(ref, (pl.ds(t0, plan.rows), slice(None)), valid)
-    return [_load(ref, (t0 + i, slice(None)), ok) for i, ok in enumerate(valid)]
+def _load_tile(plan: _Plan, k_ref, v_ref, tau, cmask):
+    t0, end = plan.tile_start(tau), plan.tile_end(tau)
+    valid = _valid_rows(plan, t0, end, cmask)
+    # Invalid rows read -inf: 2^(k2 - kappa) is then 0 and they never win a max.
+    k2 = _map(plan, lambda k: k * _LOG2E, _load_tile_rows(plan, k_ref, t0, end, cmask, other=-jnp.inf))
+    v = _load_tile_rows(plan, v_ref, t0, end, cmask) if v_ref is not None else None
+    return t0, end, _Tile(k2, v, valid)
 
 
-def _store_rows(plan: _Plan, ref, t0, valid, rows) -> None:
-    if plan.looped:
-        _store(ref, (pl.ds(t0, plan.rows), slice(None)), rows, valid)
+def _load_fields(plan: _Plan, ref, pos, nfields: int, mask) -> list:
+    """Fields 0 .. nfields - 1 of row ``pos`` of a (rows, fields, block_c) state block (0 where masked)."""
+    if plan.interpret:
+        return [_load(ref, (pos, f, slice(None)), mask) for f in range(nfields)]
+    return _load_block(plan, ref, 0, nfields, lambda f: f < nfields, mask, prefix=(pos,))
+
+
+def _store_fields(plan: _Plan, ref, pos, fields: list, mask) -> None:
+    if plan.interpret:
+        for f, x in enumerate(fields):
+            _store(ref, (pos, f, slice(None)), x, mask)
         return
-    for i, (ok, row) in enumerate(zip(valid, rows)):
-        _store(ref, (t0 + i, slice(None)), row, ok)
+    _store_block(plan, ref, 0, fields, lambda f: f < len(fields), mask, prefix=(pos,))
 
 
-def _load_tile(plan: _Plan, k_ref, v_ref, s, j, cmask):
-    t0 = _tile_start(plan, s, j)
-    valid = _valid(plan, s, t0, cmask)
-    k2 = _map(plan, lambda k, ok: jnp.where(ok, k * _LOG2E, _EMPTY), _load_rows(plan, k_ref, t0, valid), valid)
-    return t0, _Tile(k2, _load_rows(plan, v_ref, t0, valid), valid, j)
+def _sums_from(fields, sizes, mask) -> list:
+    """Split loaded fields into _Sums of (1 + size) fields each (references EMPTY where masked)."""
+    out, i = [], 0
+    for n in sizes:
+        out.append(_Sum(jnp.where(mask, fields[i], _EMPTY), tuple(fields[i + 1:i + 1 + n])))
+        i += 1 + n
+    return out
 
 
-def _load_sum(ref, index: int, pos, mask, nvals: int) -> _Sum:
-    """Fields [index, index + 1 + nvals) of row ``pos`` of a (rows, fields, block_c) state block."""
-    fields = [_load(ref, (pos, index + f, slice(None)), mask) for f in range(1 + nvals)]
-    return _Sum(jnp.where(mask, fields[0], _EMPTY), tuple(fields[1:]))
+def _fields_of(*sums) -> list:
+    return [x for a in sums for x in (a.ref,) + tuple(a.vals)]
 
 
-def _store_sum(ref, index: int, pos, value: _Sum, mask) -> None:
-    for f, x in enumerate((value.ref,) + tuple(value.vals)):
-        _store(ref, (pos, index + f, slice(None)), x, mask)
+def _left_fields(left: _Left) -> list:
+    if left.b is None:
+        return _fields_of(left.p)
+    return _fields_of(left.p, left.b, left.s) + [left.h]
+
+
+def _left_from(plan: _Plan, fields, mask, nv: int) -> _Left:
+    if not (plan.official and plan.split):
+        return _Left(*_sums_from(fields, (nv,), mask))
+    p, b, s = _sums_from(fields, (nv, nv, nv), mask)
+    return _Left(p, b, s, jnp.where(mask, fields[-1], _EMPTY))
+
+
+def _left_size(plan: _Plan, nv: int) -> int:
+    return 1 + nv + ((2 * (1 + nv) + 1) if plan.official and plan.split else 0)
 
 
 def _loop(count: int, body, init):
@@ -540,261 +931,225 @@ def _loop(count: int, body, init):
     return lax.fori_loop(0, count, body, init)
 
 
+def _scan_segments(plan: _Plan, s, load, left_term, right_term, zeros, nvals):
+    """Merge the totals of the other segments: ``left_term(s2, total)`` for s2 < s, ``right_term`` for s2 > s."""
+    n = plan.num_segments
+    acc = (_empty_sum(zeros, nvals), _empty_sum(zeros, nvals))
+    if n == 1:
+        return acc
+
+    def body(i, acc):
+        lo, hi = acc
+        sl, sr = s - 1 - i, s + 1 + i
+        lo = _merge(lo, left_term(sl, load(sl, 0, sl >= 0)))
+        hi = _merge(hi, right_term(sr, load(sr, 1, sr < n)))
+        return lo, hi
+
+    return lax.fori_loop(0, n - 1, body, acc)
+
+
 # ------------------------------------------------------------------------------------------ forward kernels
+
+
+def _fwd_scan(plan: _Plan, seg_ref, s, cmask, w2, nv: int):
+    """P entering segment s (at its first token) and F entering from the right (at its last token)."""
+    zeros = jnp.zeros_like(w2)
+    nxt = plan.seg_start(s + 1)
+
+    def load(s2, side, ok):
+        mask = cmask & ok
+        fields = _load_fields(plan, seg_ref, jnp.clip(s2, 0, plan.num_segments - 1), 6, mask)
+        p, f = _sums_from(fields, (2, 2), mask)
+        return p if side == 0 else f
+
+    # P_tot(s2) is P at the first token of segment s2 + 1; F_tot(s2) is F at the token before segment s2.
+    def left_term(s2, p):
+        p = _shift(p, plan.seg_start(s) - plan.seg_start(s2 + 1), w2, -1)
+        return p if nv == 2 else _Sum(p.ref, p.vals[1:])
+
+    def right_term(s2, f):
+        f = _shift(f, (plan.seg_start(s2) - 1) - (nxt - 1), w2, -1)
+        return f if nv == 2 else _Sum(f.ref, f.vals[1:])
+
+    return _scan_segments(plan, s, load, left_term, right_term, zeros, nv)
 
 
 def _fwd_summary_kernel(plan: _Plan, w_ref, k_ref, v_ref, seg_ref, *sub_refs):
     s = pl.program_id(2)
     cmask = _channel_mask(plan, pl.program_id(1))
-    w2 = _load(w_ref, (slice(None),), cmask) * _LOG2E
-    zeros = jnp.zeros_like(w2)
-    nxt = (s + 1) * plan.stride  # the first token of the next segment
+    c = _consts(w_ref, None, cmask)
+    zeros = jnp.zeros_like(c.w2)
+    q = plan.tiles_per_segment
+    nxt = plan.seg_start(s + 1)
 
     def body(jj, carry):
         fcarry, ptot = carry
-        j = plan.sub - 1 - jj  # tiles backwards
-        t0, tile = _load_tile(plan, k_ref, v_ref, s, j, cmask)
-        p_loc, f_loc = _forward_local(plan, tile, w2)
-        if sub_refs:
-            _store_sum(sub_refs[0], 0, s * plan.sub + j, fcarry, cmask)  # F at the tile's last row
-        fcarry = _merge(f_loc, _shift(fcarry, plan.rows, w2, -1))
-        ptot = _merge(ptot, _shift(p_loc, nxt - (t0 + plan.rows), w2, -1))
+        tau = s * q + (q - 1 - jj)  # tiles right to left
+        t0, _, tile = _load_tile(plan, k_ref, v_ref, tau, cmask)
+        p_loc, f_loc = _fwd_local(plan, c, tile)
+        if sub_refs:  # F from the later tiles of the segment, at the token before the next tile
+            _store_fields(plan, sub_refs[0], tau, _fields_of(fcarry), cmask)
+        t1 = plan.tile_start(tau + 1)
+        fcarry = _merge(f_loc, _shift(fcarry, t1 - t0, c.w2, -1))
+        ptot = _merge(ptot, _shift(p_loc, nxt - (t0 + plan.rows), c.w2, -1))
         return fcarry, ptot
 
-    fcarry, ptot = _loop(plan.sub, body, (_empty_sum(zeros, 2), _empty_sum(zeros, 2)))
-    _store_sum(seg_ref, 0, s, ptot, cmask)  # P at the next segment's start
-    _store_sum(seg_ref, 3, s, fcarry, cmask)  # F at the row before the segment
+    fcarry, ptot = _loop(q, body, (_empty_sum(zeros, 2), _empty_sum(zeros, 2)))
+    _store_fields(plan, seg_ref, s, _fields_of(ptot, fcarry), cmask)
 
 
-def _combine(plan: _Plan, w2, load, store, nvals: int):
-    """Scan the segment totals: forwards for the P-like piece, backwards for the F-like one."""
-    zeros = jnp.zeros_like(w2)
-    n = plan.num_segments
-
-    def body(i, carry):
-        fwd, bwd = carry
-        sf, sb = i, n - 1 - i
-        store(0, sf, fwd)
-        store(1, sb, bwd)
-        fwd = _merge(_shift(fwd, plan.stride, w2, -1), load(0, sf))
-        bwd = _merge(_shift(bwd, plan.stride, w2, -1), load(1, sb))
-        return fwd, bwd
-
-    lax.fori_loop(0, n, body, (_empty_sum(zeros, nvals), _empty_sum(zeros, nvals)))
-
-
-def _fwd_combine_kernel(plan: _Plan, w_ref, seg_ref, inc_ref):
-    cmask = _channel_mask(plan, pl.program_id(1))
-    w2 = _load(w_ref, (slice(None),), cmask) * _LOG2E
-    _combine(plan, w2, lambda d, s: _load_sum(seg_ref, 3 * d, s, cmask, 2),
-             lambda d, s, x: _store_sum(inc_ref, 3 * d, s, x, cmask), 2)
-
-
-def _future_at(plan: _Plan, s, j, inc_fut: _Sum, sub_ref, cmask, w2, nvals: int) -> _Sum:
-    """F at tile j's last row: the segment's incoming F, shifted, plus the suffix inside the segment."""
-    t_last = _tile_start(plan, s, j) + plan.rows - 1
-    fut = _shift(inc_fut, (s + 1) * plan.stride - 1 - t_last, w2, -1)
+def _future(plan: _Plan, s, tau, t0, f_in: _Sum, sub_ref, cmask, w2, nv: int) -> _Sum:
+    """F at tile tau's last row (t0 + L - 1): the segment's incoming F plus the segment's later tiles."""
+    last = t0 + plan.rows - 1
+    fut = _shift(f_in, (plan.seg_start(s + 1) - 1) - last, w2, -1)
     if sub_ref is not None:
-        fut = _merge(fut, _load_sum(sub_ref, 0, s * plan.sub + j, cmask, nvals))
+        f = _sums_from(_load_fields(plan, sub_ref, tau, 3, cmask), (2,), cmask)[0]
+        f = f if nv == 2 else _Sum(f.ref, f.vals[1:])
+        fut = _merge(fut, _shift(f, (plan.tile_start(tau + 1) - 1) - last, w2, -1))
     return fut
 
 
-def _fwd_output_kernel(plan: _Plan, save: bool, w_ref, u_ref, k_ref, v_ref, inc_ref, *refs):
+def _fwd_output_kernel(plan: _Plan, save: bool, w_ref, u_ref, k_ref, v_ref, seg_ref, *refs):
     refs = list(refs)
-    sub_ref = refs.pop(0) if plan.sub > 1 else None
+    sub_ref = refs.pop(0) if plan.tiles_per_segment > 1 else None
     y_ref = refs.pop(0)
-    inv_ref, kappa_ref = refs if save else (None, None)
+    lsub_ref = refs.pop(0) if save and plan.tiles_per_segment > 1 else None
     s = pl.program_id(2)
     cmask = _channel_mask(plan, pl.program_id(1))
-    w2 = _load(w_ref, (slice(None),), cmask) * _LOG2E
-    u2 = _load(u_ref, (slice(None),), cmask) * _LOG2E
-    prefix = _load_sum(inc_ref, 0, s, cmask, 2)
-    inc_fut = _load_sum(inc_ref, 3, s, cmask, 2)
+    c = _consts(w_ref, u_ref, cmask)
+    zeros = jnp.zeros_like(c.w2)
+    q = plan.tiles_per_segment
+    p_in, f_in = _fwd_scan(plan, seg_ref, s, cmask, c.w2, 2)
+    left0 = _left_empty(plan, zeros, 2)._replace(p=p_in)
 
-    def body(j, state):
-        t0, tile = _load_tile(plan, k_ref, v_ref, s, j, cmask)
-        fut = _future_at(plan, s, j, inc_fut, sub_ref, cmask, w2, 2)
-        state, kappa, rows = _forward_tile(plan, tile, w2, u2, state, fut)
-        nums, dens = (rows[0], rows[1]) if plan.looped else zip(*rows)
-        _store_rows(plan, y_ref, t0, tile.valid, _map(plan, lambda a, b: a / b, nums, dens))
-        if save:
-            _store_rows(plan, inv_ref, t0, tile.valid, _map(plan, lambda b: 1.0 / b, dens))
-            _store(kappa_ref, (s * plan.sub + j, slice(None)), kappa, cmask)
-        return state
+    def body(jj, left):
+        tau = s * q + jj
+        t0, end, tile = _load_tile(plan, k_ref, v_ref, tau, cmask)
+        fut = _future(plan, s, tau, t0, f_in, sub_ref, cmask, c.w2, 2)
+        if lsub_ref is not None:  # the backward output's forward sums entering each tile
+            _store_fields(plan, lsub_ref, tau, _left_fields(left), cmask)
+        kappa = _kappa(plan, tile, left, fut)
+        ys = _out_rows(plan, (y_ref,), t0, end, cmask, zeros)
+        ys, _, left, _ = _fwd_tile(plan, c, tile, kappa, left, fut, jj, lambda i, x, ei, ewi, fc: (x[0] / x[1], fc),
+                                   (), ys, want_left=q > 1, want_first=False)
+        _flush_rows(plan, (y_ref,), t0, end, cmask, ys)
+        if left is None:
+            return left0
+        return _left_shift(left, plan.tile_start(tau + 1) - (t0 + plan.rows), c.w2)
 
-    _loop(plan.sub, body, _fwd_from_prefix(prefix))
+    _loop(q, body, left0)
 
 
 # ------------------------------------------------------------------------------------------ backward kernels
-# The transposed operator's sums carry (alpha, beta, d alpha / dw, d beta / dw).
 
 
-def _transposed_local(plan: _Plan, ca, cb, w2):
-    """Sums of one tile's c = (alpha, beta) from empty, relative to the tile's reference.
-
-    Returns (P' at the row before the tile, S' at that row (official with p > 1, else None), F' at the row
-    after the tile), each as (a, b, da, db).
-    """
-    r, g = _exp2(-w2), _exp2(w2)
+def _bwd_scan(plan: _Plan, seg_ref, s, cmask, w2):
+    """P' entering segment s from the right (at its last token) and F' from the left (at its first token)."""
     zeros = jnp.zeros_like(w2)
 
-    def run(rate, reverse):
-        fac = r if rate < 0 else g
+    def load(s2, side, ok):
+        mask = cmask & ok
+        fields = _load_fields(plan, seg_ref, jnp.clip(s2, 0, plan.num_segments - 1), 10, mask)
+        pp, fp = _sums_from(fields, (4, 4), mask)
+        return fp if side == 0 else pp
 
-        def body(i, acc):
-            a = fac * (acc[0] + _get(plan, ca, i))
-            b = fac * (acc[1] + _get(plan, cb, i))
-            return a, b, fac * acc[2] + rate * a, fac * acc[3] + rate * b
+    # P'_tot(s2) is at the token before segment s2; F'_tot(s2) at the first token of segment s2 + 1.
+    def left_term(s2, fp):
+        return _shift(fp, plan.seg_start(s) - plan.seg_start(s2 + 1), w2, -1)
 
-        return _sweep(plan, plan.rows, body, (zeros,) * 4, reverse=reverse)
+    def right_term(s2, pp):
+        return _shift(pp, (plan.seg_start(s2) - 1) - (plan.seg_start(s + 1) - 1), w2, -1)
 
-    grow = run(+1, True) if (plan.official and plan.sub > 1) else None
-    return run(-1, True), grow, run(-1, False)
+    fp_in, pp_in = _scan_segments(plan, s, load, left_term, right_term, zeros, 4)
+    return pp_in, fp_in
 
 
-def _bwd_summary_kernel(plan: _Plan, w_ref, g_ref, y_ref, inv_ref, kappa_ref, seg_ref, *sub_refs):
+def _bwd_summary_kernel(plan: _Plan, w_ref, u_ref, k_ref, g_ref, y_ref, fseg_ref, *refs):
+    refs = list(refs)
+    fsub_ref = refs.pop(0) if plan.tiles_per_segment > 1 else None
+    seg_ref = refs.pop(0)
+    fpsub_ref = refs.pop(0) if plan.tiles_per_segment > 1 else None
     s = pl.program_id(2)
     cmask = _channel_mask(plan, pl.program_id(1))
-    w2 = _load(w_ref, (slice(None),), cmask) * _LOG2E
-    zeros = jnp.zeros_like(w2)
-    nxt = (s + 1) * plan.stride
+    c = _consts(w_ref, u_ref, cmask)
+    zeros = jnp.zeros_like(c.w2)
+    q = plan.tiles_per_segment
+    start = plan.seg_start(s)
+    p_in, f_in = _fwd_scan(plan, fseg_ref, s, cmask, c.w2, 1)
 
     def body(jj, carry):
-        qc, sc, ftot = carry
-        j = plan.sub - 1 - jj
-        t0 = _tile_start(plan, s, j)
-        valid = _valid(plan, s, t0, cmask)
-        gs, ys, inv = (_load_rows(plan, ref, t0, valid) for ref in (g_ref, y_ref, inv_ref))
-        ca = _map(plan, lambda a, b: a * b, gs, inv)  # alpha = g / D relative to 2^{-kappa}
-        cb = _map(plan, lambda a, y: -a * y, ca, ys)  # beta = -alpha y
-        lam = jnp.where(cmask, -_load(kappa_ref, (s * plan.sub + j, slice(None)), cmask), _EMPTY)
-        back, up, fwd = _transposed_local(plan, ca, cb, w2)
-        if sub_refs:
-            _store_sum(sub_refs[0], 0, s * plan.sub + j, qc, cmask)
-            _store_sum(sub_refs[0], 5, s * plan.sub + j, sc, cmask)
-        qc = _merge(_Sum(lam, back), _shift(qc, plan.rows, w2, -1))
-        if up is not None:
-            sc = _merge(_Sum(lam, up), _shift(sc, plan.rows, w2, +1))
-        ftot = _merge(ftot, _shift(_Sum(lam, fwd), nxt - (t0 + plan.rows), w2, -1))
-        return qc, sc, ftot
+        left, fprime, ptot = carry
+        tau = s * q + jj
+        t0, end, tile = _load_tile(plan, k_ref, None, tau, cmask)
+        gs, ys = _late_rows(plan, g_ref, t0, end, cmask), _late_rows(plan, y_ref, t0, end, cmask)
+        fut = _future(plan, s, tau, t0, f_in, fsub_ref, cmask, c.w2, 1)
+        if fpsub_ref is not None:
+            _store_fields(plan, fpsub_ref, tau, _fields_of(fprime), cmask)
+        left, fprime, ploc = _bwd_local(plan, c, tile, gs, ys, left, fut, fprime, jj)
+        t1 = plan.tile_start(tau + 1)
+        ptot = _merge(ptot, _shift(ploc, (t0 - 1) - (start - 1), c.w2, -1))
+        return (_left_shift(left, t1 - (t0 + plan.rows), c.w2), _shift(fprime, t1 - (t0 + plan.rows), c.w2, -1),
+                ptot)
 
-    empty = _empty_sum(zeros, 4)
-    qc, _, ftot = _loop(plan.sub, body, (empty, empty, empty))
-    _store_sum(seg_ref, 0, s, ftot, cmask)  # F' (earlier rows) at the next segment's start
-    _store_sum(seg_ref, 5, s, qc, cmask)  # P' (later rows) at the row before the segment
+    left0 = _left_empty(plan, zeros, 1)._replace(p=p_in)
+    _, fprime, ptot = _loop(q, body, (left0, _empty_sum(zeros, 4), _empty_sum(zeros, 4)))
+    _store_fields(plan, seg_ref, s, _fields_of(ptot, fprime), cmask)
 
 
-def _bwd_combine_kernel(plan: _Plan, w_ref, seg_ref, inc_ref):
-    cmask = _channel_mask(plan, pl.program_id(1))
-    w2 = _load(w_ref, (slice(None),), cmask) * _LOG2E
-    _combine(plan, w2, lambda d, s: _load_sum(seg_ref, 5 * d, s, cmask, 4),
-             lambda d, s, x: _store_sum(inc_ref, 5 * d, s, x, cmask), 4)
-
-
-def _bwd_output_kernel(plan: _Plan, w_ref, u_ref, k_ref, v_ref, g_ref, fwd_inc_ref, bwd_inc_ref, *refs):
+def _bwd_output_kernel(plan: _Plan, w_ref, u_ref, k_ref, v_ref, g_ref, fseg_ref, bseg_ref, *refs):
     refs = list(refs)
-    fsub_ref = refs.pop(0) if plan.sub > 1 else None
-    bsub_ref = refs.pop(0) if plan.sub > 1 else None
+    q = plan.tiles_per_segment
+    lsub_ref, fpsub_ref = (refs.pop(0), refs.pop(0)) if q > 1 else (None, None)
     dk_ref, dv_ref, dw_ref, du_ref = refs
     s = pl.program_id(2)
     cmask = _channel_mask(plan, pl.program_id(1))
-    w2 = _load(w_ref, (slice(None),), cmask) * _LOG2E
-    u2 = _load(u_ref, (slice(None),), cmask) * _LOG2E
-    zeros = jnp.zeros_like(w2)
-    prefix = _load_sum(fwd_inc_ref, 0, s, cmask, 2)
-    inc_fut = _load_sum(fwd_inc_ref, 3, s, cmask, 2)
-    inc_fwd = _load_sum(bwd_inc_ref, 0, s, cmask, 4)  # F' at the segment start
-    inc_back = _load_sum(bwd_inc_ref, 5, s, cmask, 4)  # P' at the segment's last row
-    r, g = _exp2(-w2), _exp2(w2)
-    em1, eu = g - 1.0, _exp2(u2)
+    c = _consts(w_ref, u_ref, cmask)
+    zeros = jnp.zeros_like(c.w2)
+    p_in, f_in = _fwd_scan(plan, fseg_ref, s, cmask, c.w2, 2)
+    pp_in, fp_in = _bwd_scan(plan, bseg_ref, s, cmask, c.w2)
+    start, nxt = plan.seg_start(s), plan.seg_start(s + 1)
+    split = plan.official and plan.split
+    last_tau = s * q + q - 1
+    last_row = plan.tile_start(last_tau) + plan.rows - 1
 
-    def body(j, carry):
-        state, fprime, dw, du = carry
-        t0, tile = _load_tile(plan, k_ref, v_ref, s, j, cmask)
-        fut = _future_at(plan, s, j, inc_fut, fsub_ref, cmask, w2, 2)
-        state, kappa, rows = _forward_tile(plan, tile, w2, u2, state, fut)
-        gs = _load_rows(plan, g_ref, t0, tile.valid)
-        nums, dens = (rows[0], rows[1]) if plan.looped else zip(*rows)
-        ca = _map(plan, lambda gi, d: gi / d, gs, dens)  # alpha relative to 2^{-kappa}
-        cb = _map(plan, lambda a, n, d: -a * (n / d), ca, nums, dens)
-        # Incoming transposed sums at the tile's last row (P', Q', S') and at its first row (F').
-        t_last = t0 + plan.rows - 1
-        back = _shift(inc_back, (s + 1) * plan.stride - 1 - t_last, w2, -1)
-        q = s_ = _empty_sum(zeros, 4)
-        if bsub_ref is not None:
-            q = _load_sum(bsub_ref, 0, s * plan.sub + j, cmask, 4)
-            s_ = _load_sum(bsub_ref, 5, s * plan.sub + j, cmask, 4)
-            back = _merge(back, q)
-        lam = -kappa
-        top = jnp.maximum(jnp.maximum(lam, back.ref), jnp.maximum(fprime.ref, jnp.maximum(q.ref, s_.ref)))
-        cs = _exp2(lam - top)
-        ca = _map(plan, lambda x: x * cs, ca)
-        cb = _map(plan, lambda x: x * cs, cb)
-        # e^{k_m} relative to the sums' reference: 2^{k2 - kappa} * 2^{kappa + top}.
-        phi_scale = _exp2(jnp.minimum(kappa + top, _RESCALE_CAP))
-        phi = _map(plan, lambda k: _exp2(k - kappa) * phi_scale, tile.k2)
+    def body(jj_rev, carry):
+        fut, right, dw, du = carry
+        jj = q - 1 - jj_rev  # tiles right to left
+        tau = s * q + jj
+        t0, end, tile = _load_tile(plan, k_ref, v_ref, tau, cmask)
+        gs = _late_rows(plan, g_ref, t0, end, cmask)
+        fprime = _shift(fp_in, t0 - start, c.w2, -1)
+        if lsub_ref is not None:
+            left = _left_from(plan, _load_fields(plan, lsub_ref, tau, _left_size(plan, 2), cmask), cmask, 2)
+            fprime = _merge(fprime, _sums_from(_load_fields(plan, fpsub_ref, tau, 5, cmask), (4,), cmask)[0])
+        else:
+            left = _left_empty(plan, zeros, 2)._replace(p=p_in)
 
-        # Backward sweep: P', Q', S' (exclusive of the row) into the row sums X; dw of those parts.
-        def backward(i, carry):
-            bp, qv, sv, dw, xs = carry
-            keep = _not(_start(plan, j, i))
-            a_i, b_i = _get(plan, ca, i), _get(plan, cb, i)
-            phi_i, v_i = _get(plan, phi, i), _get(plan, tile.v, i)
-            if plan.official:
-                s0, s1 = _select(keep, sv[0], zeros), _select(keep, sv[1], zeros)
-                xa, xb = bp[0] + em1 * (qv[0] - s0), bp[1] + em1 * (qv[1] - s1)
-                da = bp[2] + em1 * qv[2] + g * qv[0] - _select(keep, em1 * sv[2] + g * sv[0], zeros)
-                db = bp[3] + em1 * qv[3] + g * qv[1] - _select(keep, em1 * sv[3] + g * sv[1], zeros)
-            else:
-                xa, xb = g * bp[0], g * bp[1]
-                da, db = g * (bp[2] + bp[0]), g * (bp[3] + bp[1])
-            xs = _set(plan, xs, i, (xa, xb))
-            dw = dw + phi_i * (v_i * da + db)
-            pa, pb = r * (bp[0] + a_i), r * (bp[1] + b_i)
-            bp = (pa, pb, r * bp[2] - pa, r * bp[3] - pb)
-            if plan.official:
-                kr, kg = _select(keep, r, zeros), _select(keep, g, zeros)
-                qa, qb = kr * (qv[0] + a_i), kr * (qv[1] + b_i)
-                qv = (qa, qb, kr * qv[2] - qa, kr * qv[3] - qb)
-                sa, sb = kg * (sv[0] + a_i), kg * (sv[1] + b_i)
-                sv = (sa, sb, kg * sv[2] + sa, kg * sv[3] + sb)
-            return bp, qv, sv, dw, xs
+        reload = None
+        if not plan.looped:
+            def reload(kappa):  # e and e v again, from k and v reread as the reverse sweep reaches them
+                es = _late_rows(plan, k_ref, t0, end, cmask, -jnp.inf, lambda k: _exp2(k * _LOG2E - kappa))
+                vs = _late_rows(plan, v_ref, t0, end, cmask)
+                return lambda i: (es[i], es[i] * vs[i])
 
-        bp, qv, sv = (_with_ref(x, top) for x in (back, q, s_))
-        _, _, _, dw, xs = _sweep(plan, plan.rows, backward,
-                                 (bp, qv, sv, dw, _seq_new(plan, plan.rows, (zeros, zeros))), reverse=True)
+        outs = _out_rows(plan, (dk_ref, dv_ref), t0, end, cmask, (zeros, zeros))
+        outs, first, right, dw_t, du_t = _bwd_tile(plan, c, tile, gs, left, fut, fprime, right, jj, reload, outs)
+        _flush_rows(plan, (dk_ref, dv_ref), t0, end, cmask, outs)
+        # Carry F and the transposed sums to the previous tile's last row.
+        prev_last = plan.tile_start(tau - 1) + plan.rows - 1
+        fut = _shift(first, (t0 - 1) - prev_last, c.w2, -1)
+        pr, br, sr = right
+        pr = _shift(pr, (t0 - 1) - prev_last, c.w2, -1)
+        if split:  # B' decays towards earlier tokens like P'; S' grows
+            br = _shift(br, (t0 - 1) - prev_last, c.w2, -1)
+            sr = _shift(sr, (t0 - 1) - prev_last, c.w2, +1)
+        return fut, (pr, br, sr), dw + dw_t, du + du_t
 
-        # Forward sweep: F' and the token's own term; outputs.
-        def forward(i, carry):
-            fp, dw, du, outs = carry
-            keep = _not(_start(plan, j, i))
-            a_i, b_i = _get(plan, ca, i), _get(plan, cb, i)
-            phi_i, v_i = _get(plan, phi, i), _get(plan, tile.v, i)
-            xa, xb = _get(plan, xs, i)
-            if plan.official:
-                coef = eu - _select(keep, em1, zeros)
-                xa, xb = xa + fp[0] + coef * a_i, xb + fp[1] + coef * b_i
-                gk = _select(keep, g, zeros)
-                da, db = fp[2] - gk * a_i, fp[3] - gk * b_i
-            else:
-                xa, xb = xa + g * fp[0] + eu * a_i, xb + g * fp[1] + eu * b_i
-                da, db = g * (fp[2] + fp[0]), g * (fp[3] + fp[1])
-            dv_i = phi_i * xa
-            outs = _set(plan, outs, i, (v_i * dv_i + phi_i * xb, dv_i))
-            dw = dw + phi_i * (v_i * da + db)
-            du = du + eu * phi_i * (v_i * a_i + b_i)
-            fa, fb = r * (fp[0] + a_i), r * (fp[1] + b_i)
-            return (fa, fb, r * fp[2] - fa, r * fp[3] - fb), dw, du, outs
-
-        fp, dw, du, outs = _sweep(plan, plan.rows, forward, (_with_ref(fprime, top), dw, du,
-                                                             _seq_new(plan, plan.rows, (zeros, zeros))))
-        dks, dvs = (outs[0], outs[1]) if plan.looped else zip(*outs)
-        _store_rows(plan, dk_ref, t0, tile.valid, list(dks) if not plan.looped else dks)
-        _store_rows(plan, dv_ref, t0, tile.valid, list(dvs) if not plan.looped else dvs)
-        return state, _Sum(top, fp), dw, du
-
-    init = (_fwd_from_prefix(prefix), inc_fwd, zeros, zeros)
-    _, _, dw, du = _loop(plan.sub, body, init)
+    fut0 = _shift(f_in, (nxt - 1) - last_row, c.w2, -1)
+    pr0 = _shift(pp_in, (nxt - 1) - last_row, c.w2, -1)
+    empty4 = _empty_sum(zeros, 4)
+    right0 = (pr0, empty4, empty4) if split else (pr0, None, None)
+    _, _, dw, du = _loop(q, body, (fut0, right0, zeros, zeros))
     _store(dw_ref, (s, slice(None)), dw, cmask)
     _store(du_ref, (s, slice(None)), du, cmask)
 
@@ -810,10 +1165,15 @@ def _compiler_params(plan: _Plan):
     return pltriton.CompilerParams(num_warps=plan.num_warps, num_stages=1)
 
 
-def _call(plan: _Plan, kernel, grid, in_specs, out_specs, out_shape, *args):
-    name = "bi_wkv_" + kernel.func.__name__.strip("_")
-    return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-                          interpret=plan.interpret, compiler_params=_compiler_params(plan), name=name)(*args)
+def _call(plan: _Plan, kernel, in_specs, out_specs, out_shape, *args):
+    grid = (plan.batch, plan.num_cblocks, plan.num_segments)
+    base = kernel.func if isinstance(kernel, functools.partial) else kernel
+    name = "bi_wkv_" + base.__name__.strip("_")
+    kernel = functools.partial(kernel.func, plan, *kernel.args, **kernel.keywords) if isinstance(
+        kernel, functools.partial) else functools.partial(kernel, plan)
+    return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
+                          out_shape=out_shape, interpret=plan.interpret, compiler_params=_compiler_params(plan),
+                          name=name)(*args)
 
 
 class _Specs:
@@ -823,98 +1183,77 @@ class _Specs:
         bc = plan.block_c
         self.channel = pl.BlockSpec((bc,), lambda b, c, s: (c,))
         self.tokens = pl.BlockSpec((None, plan.tokens, bc), lambda b, c, s: (b, 0, c))
+        self.per_segment = pl.BlockSpec((None, plan.num_segments, bc), lambda b, c, s: (b, 0, c))
 
         def states(rows, fields):
             return pl.BlockSpec((None, rows, fields, bc), lambda b, c, s: (b, 0, 0, c))
 
         self.states = states
-        self.per_tile = pl.BlockSpec((None, plan.num_segments * plan.sub, bc), lambda b, c, s: (b, 0, c))
-        self.per_segment = pl.BlockSpec((None, plan.num_segments, bc), lambda b, c, s: (b, 0, c))
-        self.channel2 = pl.BlockSpec((bc,), lambda b, c: (c,))
-
-        def states2(rows, fields):
-            return pl.BlockSpec((None, rows, fields, bc), lambda b, c: (b, 0, 0, c))
-
-        self.states2 = states2
 
 
-def _f32(plan: _Plan, *shape):
+def _f32(*shape):
     return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
 def _forward(plan: _Plan, w, u, k, v, save: bool):
+    """y and, when ``save``, the residuals of the backward: the summary's per-segment and per-tile sums and the
+    forward sums entering each tile."""
     sp = _Specs(plan)
-    grid = (plan.batch, plan.num_cblocks, plan.num_segments)
-    ns, nt, c = plan.num_segments, plan.num_segments * plan.sub, plan.channels
-    seg_shape = _f32(plan, plan.batch, ns, 6, c)
-    summary_outs = [sp.states(ns, 6)]
-    summary_shapes = [seg_shape]
-    if plan.sub > 1:
-        summary_outs.append(sp.states(nt, 3))
-        summary_shapes.append(_f32(plan, plan.batch, nt, 3, c))
-    summ = _call(plan, functools.partial(_fwd_summary_kernel, plan), grid, [sp.channel, sp.tokens, sp.tokens],
-                 summary_outs, summary_shapes, w, k, v)
-    seg, fsub = summ[0], (summ[1] if plan.sub > 1 else None)
-    inc = _call(plan, functools.partial(_fwd_combine_kernel, plan), grid[:2], [sp.channel2, sp.states2(ns, 6)],
-                sp.states2(ns, 6), seg_shape, w, seg)
-    in_specs = [sp.channel, sp.channel, sp.tokens, sp.tokens, sp.states(ns, 6)]
-    args = [w, u, k, v, inc]
-    if fsub is not None:
-        in_specs.append(sp.states(nt, 3))
-        args.append(fsub)
-    out_specs = [sp.tokens]
-    shapes = [jax.ShapeDtypeStruct(k.shape, k.dtype)]
-    if save:
-        out_specs += [sp.tokens, sp.per_tile]
-        shapes += [_f32(plan, *k.shape), _f32(plan, plan.batch, nt, c)]
-    outs = _call(plan, functools.partial(_fwd_output_kernel, plan, save), grid, in_specs, out_specs, shapes, *args)
-    if not save:
-        return outs[0]
-    y, inv, kappa = outs
-    return y, (inv, kappa, inc, fsub)
+    ns, nt, c, b = plan.num_segments, plan.tile_slots, plan.channels, plan.batch
+    many = plan.tiles_per_segment > 1
+    outs, shapes = [sp.states(ns, 6)], [_f32(b, ns, 6, c)]
+    if many:
+        outs.append(sp.states(nt, 3))
+        shapes.append(_f32(b, nt, 3, c))
+    summ = _call(plan, _fwd_summary_kernel, [sp.channel, sp.tokens, sp.tokens], outs, shapes, w, k, v)
+    in_specs = [sp.channel, sp.channel, sp.tokens, sp.tokens] + outs
+    out_specs, out_shapes = [sp.tokens], [jax.ShapeDtypeStruct(k.shape, k.dtype)]
+    if save and many:
+        nl = _left_size(plan, 2)
+        out_specs.append(sp.states(nt, nl))
+        out_shapes.append(_f32(b, nt, nl, c))
+    outs = _call(plan, functools.partial(_fwd_output_kernel, save), in_specs, out_specs, out_shapes,
+                 w, u, k, v, *summ)
+    return outs[0], tuple(summ) + tuple(outs[1:])
 
 
-def _backward(plan: _Plan, w, u, k, v, y, saved, g):
-    inv, kappa, fwd_inc, fsub = saved
+def _backward(plan: _Plan, w, u, k, v, y, fwd_sums, g):
     sp = _Specs(plan)
-    grid = (plan.batch, plan.num_cblocks, plan.num_segments)
-    ns, nt, c = plan.num_segments, plan.num_segments * plan.sub, plan.channels
-    seg_shape = _f32(plan, plan.batch, ns, 10, c)
-    outs, shapes = [sp.states(ns, 10)], [seg_shape]
-    if plan.sub > 1:
-        outs.append(sp.states(nt, 10))
-        shapes.append(_f32(plan, plan.batch, nt, 10, c))
-    summ = _call(plan, functools.partial(_bwd_summary_kernel, plan), grid,
-                 [sp.channel, sp.tokens, sp.tokens, sp.tokens, sp.per_tile], outs, shapes, w, g, y, inv, kappa)
-    seg, bsub = summ[0], (summ[1] if plan.sub > 1 else None)
-    inc = _call(plan, functools.partial(_bwd_combine_kernel, plan), grid[:2], [sp.channel2, sp.states2(ns, 10)],
-                sp.states2(ns, 10), seg_shape, w, seg)
-    in_specs = [sp.channel, sp.channel, sp.tokens, sp.tokens, sp.tokens, sp.states(ns, 6), sp.states(ns, 10)]
-    args = [w, u, k, v, g, fwd_inc, inc]
-    if plan.sub > 1:
-        in_specs += [sp.states(nt, 3), sp.states(nt, 10)]
-        args += [fsub, bsub]
+    ns, nt, c, b = plan.num_segments, plan.tile_slots, plan.channels, plan.batch
+    many = plan.tiles_per_segment > 1
+    fseg, fsub, lsub = (fwd_sums + (None, None))[:3]
+    fwd_specs = [sp.states(ns, 6)] + ([sp.states(nt, 3)] if many else [])
+    outs, shapes = [sp.states(ns, 10)], [_f32(b, ns, 10, c)]
+    if many:
+        outs.append(sp.states(nt, 5))
+        shapes.append(_f32(b, nt, 5, c))
+    summ = _call(plan, _bwd_summary_kernel, [sp.channel, sp.channel, sp.tokens, sp.tokens, sp.tokens] + fwd_specs,
+                 outs, shapes, w, u, k, g, y, *([fseg, fsub] if many else [fseg]))
+    in_specs = [sp.channel, sp.channel, sp.tokens, sp.tokens, sp.tokens, fwd_specs[0], outs[0]]
+    args = [w, u, k, v, g, fseg, summ[0]]
+    if many:
+        in_specs += [sp.states(nt, _left_size(plan, 2)), outs[1]]
+        args += [lsub, summ[1]]
     out_specs = [sp.tokens, sp.tokens, sp.per_segment, sp.per_segment]
     shapes = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
-              _f32(plan, plan.batch, ns, c), _f32(plan, plan.batch, ns, c)]
-    dk, dv, dw, du = _call(plan, functools.partial(_bwd_output_kernel, plan), grid, in_specs, out_specs, shapes,
-                           *args)
+              _f32(b, ns, c), _f32(b, ns, c)]
+    dk, dv, dw, du = _call(plan, _bwd_output_kernel, in_specs, out_specs, shapes, *args)
     return dw.sum(axis=(0, 1)), du.sum(axis=(0, 1)), dk, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _bi_wkv(plan: _Plan, w, u, k, v):
-    return _forward(plan, w, u, k, v, save=False)
+    return _forward(plan, w, u, k, v, save=False)[0]
 
 
 def _bi_wkv_fwd(plan: _Plan, w, u, k, v):
-    y, saved = _forward(plan, w, u, k, v, save=True)
-    return y, (w, u, k, v, y, saved)
+    y, sums = _forward(plan, w, u, k, v, save=True)
+    return y, (w, u, k, v, y, sums)
 
 
 def _bi_wkv_bwd(plan: _Plan, residuals, g):
-    w, u, k, v, y, saved = residuals
-    dw, du, dk, dv = _backward(plan, w, u, k, v, y, saved, g.astype(y.dtype))
+    w, u, k, v, y, sums = residuals
+    dw, du, dk, dv = _backward(plan, w, u, k, v, y, sums, g.astype(y.dtype))
     return dw.astype(w.dtype), du.astype(u.dtype), dk, dv
 
 
@@ -934,15 +1273,17 @@ def bi_wkv_pallas(
     interpret: bool | None = None,
     block_c: int | None = None,
     tile_len: int | None = None,
+    segments: int | None = None,
 ) -> jax.Array:
     """Bidirectional WKV of k, v (B, T, C) with decay w and bonus u (C,); differentiable in all four.
 
     ``variant``: ``"official"`` (the shipped CUDA kernel's chunked semantics, models' default) or ``"paper"``.
     ``interpret``: None = compiled (Triton) on GPU, Pallas interpret mode elsewhere. ``block_c``: channels per
     program (power of two; default min(32, next power of two of C)). ``tile_len``: most tokens per tile (any
-    positive int; default 16 compiled, 8 interpreted); tiles follow the official 32-way chunks, and neither
-    parameter changes the result beyond float rounding. Accumulates in float32; float32, bfloat16 and
-    float16 inputs; returns k's dtype.
+    positive int; default 28 compiled, 8 interpreted); tiles follow the official 32-way chunks. ``segments``:
+    programs per row and channel block (at most 32; default: as few as fill a GPU). None of the last three
+    changes the result beyond float rounding. Accumulates in float32; float32, bfloat16 and float16 inputs;
+    returns k's dtype.
     """
     w, u, k, v = check_inputs(w, u, k, v, variant=variant, caller="bi_wkv_pallas", dtypes=_SUPPORTED_DTYPES)
     batch, tokens, channels = k.shape
@@ -952,11 +1293,12 @@ def bi_wkv_pallas(
         raise ValueError(f"bi_wkv_pallas: block_c must be a positive power of two (Triton); got {block_c!r}")
     if tile_len is not None and (not isinstance(tile_len, int) or tile_len < 1):
         raise ValueError(f"bi_wkv_pallas: tile_len must be a positive int; got {tile_len!r}")
+    if segments is not None and (not isinstance(segments, int) or not 1 <= segments <= NUM_CHUNKS):
+        raise ValueError(f"bi_wkv_pallas: segments must be an int in [1, {NUM_CHUNKS}]; got {segments!r}")
     if interpret is None:
         interpret = default_interpret()
     if batch == 0 or channels == 0:
         return jnp.zeros(k.shape, k.dtype) + 0.0 * (k + v)  # keeps the gradient path (all zeros)
-    plan = _Plan(official=variant == "official", batch=batch, tokens=tokens, channels=channels, block_c=block_c,
-                 tile_len=tile_len or _tile_len_default(bool(interpret)), interpret=bool(interpret),
-                 unrolled=_UNROLL_IN_INTERPRETER)
+    plan = _make_plan(variant == "official", batch, tokens, channels, tile_len=tile_len, block_c=block_c,
+                      segments=segments, interpret=bool(interpret), unrolled=_UNROLL_IN_INTERPRETER)
     return _bi_wkv(plan, w.astype(jnp.float32), u.astype(jnp.float32), k, v)
