@@ -34,8 +34,10 @@ The kernel evaluates the same sums (no NaN or inf while |w| L is in range above)
 Parallel layout (``_Plan``). Tiles follow the official chunks: a tile is g = tile_len // n whole chunks, or,
 when n > tile_len, one of p = ceil(n / tile_len) parts of a chunk (the paper variant tiles freely). A
 *segment* is q consecutive tiles (whole chunks) that one program walks in a loop; there are S = ceil(tiles /
-q) <= 32 segments per row, as few as still give about ``_RESIDENT_PROGRAMS`` one-warp programs (what an
-H100/H200 keeps resident at ~160 registers). The grid is (batch, channel blocks of ``block_c``, segments).
+q) <= 32 segments per row, as few as still give about ``_RESIDENT_PROGRAMS`` one-warp programs (all of them
+resident on an H100/H200). The grid is (batch, channel blocks of ``block_c``, segments). No combine pass:
+each program merges the other segments' totals itself (at most 31 steps, in parallel across programs), so
+long T is never a serial walk over tiles: at T = 16384 (chunks of 512) a program walks its own segment only.
 Forward: ``summary`` (walks its tiles right to left: each segment's P and F totals and, inside the segment,
 F at each tile) and ``output`` (left to right: P, B, S carried, F from the summary; each program first
 scans the <= 31 other segments' totals). Backward: ``summary`` (left to right: recomputes D from k, reads g and
@@ -49,6 +51,17 @@ rows; B' restarts at chunk ends), S' (later rows of the same chunk), each with i
 for dw; du = sum_t e^{u + k_t}(alpha_t v_t + beta_t). o_t (the scale of EPS) is held constant for
 differentiation. The compiled backward output rereads its tile's k and v (just read by the same program, so
 served by L1/L2) rather than holding them in registers across the reverse sweep.
+
+Footprint. Everything lives in registers: no shared memory (0 bytes per kernel in the report below), one
+thread per channel, a tile's rows unrolled (the backward output holds ~4 floats per row of its tile). Scratch
+in HBM, float32, per batch element and channel: per segment 6 (forward) and 10 + 2 (backward) floats; per tile
+3 (F), 3 (P; 10 when chunks are split) and 5 (F') floats, i.e. ~0.45 floats per token at T = 784.
+
+Measured (``python benchmarks/kernel_report.py --compare cd26de8``: Triton IR captured while lowering for CUDA
+on a CPU, compiled for sm_90 by the pip triton 3.8 wheel; (24, 784, 576) float32 official, 2 loaded cores;
+per token and channel; compile in CPU seconds)::
+
+    (table: README.md, GPU check)
 
 Lowering: Triton-backed Pallas on GPU (``CompilerParams`` from ``jax.experimental.pallas.triton``); arrays
 inside the kernels are rows of ``block_c`` channels (a power of two) and time indices are scalars, so T is
@@ -79,9 +92,10 @@ _LOG2E = 1.4426950408889634
 _DEFAULT_TILE_LEN = 28  # compiled: most rows per tile (T = 784: one official chunk of 25 tokens per tile)
 _DEFAULT_TILE_LEN_INTERPRET = 8  # interpret mode: short tiles keep XLA's compile of the row loops quick
 _DEFAULT_BLOCK_C = 32
-# Segments per row: as few as still give about this many one-warp programs: 132 SMs x 12 resident warps of
-# ~160 registers (H100/H200). Fewer segments move fewer per-segment sums through memory.
-_RESIDENT_PROGRAMS = 132 * 12
+# Segments per row: as few as still give about this many one-warp programs: 132 SMs x 6 warps (H100/H200;
+# all resident even at 255 registers, 8 warps per SM). Fewer segments move fewer per-segment and per-tile
+# sums through memory; the official CUDA kernel runs B * C / 32 warps, fewer still.
+_RESIDENT_PROGRAMS = 132 * 6
 # Lower bound of a tile's reference exponent: finite, and far enough above EMPTY that 2^(EMPTY - kappa) is 0.
 _KAPPA_FLOOR = -1e29
 # Clamp of rescaling exponents (log2): 2^100 times a value that underflowed stays finite.
