@@ -6,12 +6,14 @@
 #   bash benchmarks/gpu_check.sh --smoke          # tiny shapes (CPU: interpret mode), checks the script itself
 #
 # 1. runs the kernel tests compiled (`pytest -m gpu tests/test_kernel.py`; skipped with a note when pytest
-#    is missing), plus a direct comparison with the scan implementation at the benchmark shapes;
-# 2. prints forward and forward+backward times of impl="scan" vs impl="pallas" for (B, T, C) = (24, 784, 576),
-#    (24, 196, 960), (8, 4096, 576), (2, 16384, 576) in float32 and bfloat16, with the achieved bandwidth of the
-#    nominal bytes (forward: k, v in + y out; forward+backward adds k, v, g in + dk, dv out) as a fraction of
-#    the device's peak;
+#    is missing), plus a direct comparison of every implementation with the scan at the benchmark shapes;
+# 2. prints forward and forward+backward times of every implementation of rwkvunet_jax.wkv.IMPLS but
+#    auto/naive (scan, pallas, chunked where present) for (B, T, C) = (24, 784, 576), (24, 3136, 144) and
+#    (2, 16384, 576) in float32, with the achieved bandwidth of the nominal bytes (forward: k, v in + y out;
+#    forward+backward adds k, v, g in + dk, dv out) as a fraction of the device's peak;
 # 3. prints rwkv_unet_b train-step images/s at 224 (batch 24, AdamW, cross-entropy) with each implementation.
+#
+# Budget: well under 10 minutes on one H100/H200, Triton and XLA compiles included.
 #
 # Needs jax (0.10.x or 0.11.x) with a GPU, flax and optax; not grain, ml-collections or tfds. The repository
 # is used as a plain working tree: the Python below puts it on sys.path and registers the top-level
@@ -50,8 +52,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from rwkvunet_jax.kernels.bi_wkv import bi_wkv_pallas, plan_summary  # noqa: E402
-from rwkvunet_jax.wkv import bi_wkv, resolve_impl  # noqa: E402
+from rwkvunet_jax.kernels.bi_wkv import plan_summary  # noqa: E402
+from rwkvunet_jax.wkv import IMPLS, bi_wkv, resolve_impl  # noqa: E402
 
 device = jax.devices()[0]
 kind = device.device_kind
@@ -84,10 +86,12 @@ else:
     code = pytest.main(["-q", "-m", "gpu", "-p", "no:cacheprovider", f"{repo}/tests/test_kernel.py"])
     print(f"pytest -m gpu tests/test_kernel.py: exit code {int(code)}", flush=True)
 
-SHAPES = [(24, 784, 576), (24, 196, 960), (8, 4096, 576), (2, 16384, 576)]
+SHAPES = [(24, 784, 576), (24, 3136, 144), (2, 16384, 576)]
 if args.smoke:
     SHAPES = [(2, 50, 40), (1, 70, 24)]
-DTYPES = [jnp.float32, jnp.bfloat16]
+DTYPES = [jnp.float32]
+# Every linear-time implementation this checkout has (the first is the reference of the comparison).
+TIMED = [impl for impl in IMPLS if impl not in ("auto", "naive")]
 
 
 def inputs(shape, dtype, seed=0):
@@ -111,16 +115,18 @@ def functions(impl):
     return jax.jit(forward), jax.jit(forward_backward)
 
 
-section("pallas vs scan at the benchmark shapes (max |difference| / max |scan|)")
+section(f"{', '.join(TIMED[1:])} vs {TIMED[0]} at the benchmark shapes (max |difference| / max |{TIMED[0]}|)")
 for shape in SHAPES:
     for dtype in DTYPES:
         data = inputs(shape, dtype, seed=1)
-        (y_s, g_s), (y_p, g_p) = (functions(impl)[1](*data) for impl in ("scan", "pallas"))
-        rel = [float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
-                     / max(float(jnp.max(jnp.abs(b.astype(jnp.float32)))), 1e-30))
-               for a, b in zip((y_p, *g_p), (y_s, *g_s))]
-        print(f"{str(shape):<18}{jnp.dtype(dtype).name:<9} y {rel[0]:.1e}  dw {rel[1]:.1e}  du {rel[2]:.1e}  "
-              f"dk {rel[3]:.1e}  dv {rel[4]:.1e}", flush=True)
+        y_s, g_s = functions(TIMED[0])[1](*data)
+        for impl in TIMED[1:]:
+            y_p, g_p = functions(impl)[1](*data)
+            rel = [float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
+                         / max(float(jnp.max(jnp.abs(b.astype(jnp.float32)))), 1e-30))
+                   for a, b in zip((y_p, *g_p), (y_s, *g_s))]
+            print(f"{str(shape):<18}{jnp.dtype(dtype).name:<9}{impl:<9} y {rel[0]:.1e}  dw {rel[1]:.1e}  "
+                  f"du {rel[2]:.1e}  dk {rel[3]:.1e}  dv {rel[4]:.1e}", flush=True)
 
 
 # ------------------------------------------------------------------------------------------- 2. timings
@@ -143,21 +149,22 @@ def timed(fn, data, min_seconds=0.3):
 
 
 section("bi_wkv times (official variant); bandwidth = nominal bytes / time, fraction of peak")
-print(f"{'(B, T, C)':<18}{'dtype':<9}{'pass':<9}{'scan ms':>9}{'pallas ms':>11}{'speedup':>9}"
-      f"{'pallas TB/s':>13}{'of peak':>9}", flush=True)
+print(f"{'(B, T, C)':<18}{'dtype':<9}{'pass':<9}{'impl':<9}{'ms':>9}{'vs ' + TIMED[0]:>9}{'TB/s':>8}{'of peak':>9}",
+      flush=True)
 for shape in SHAPES:
     for dtype in DTYPES:
         data = inputs(shape, dtype)
-        scan_fns, pallas_fns = functions("scan"), functions("pallas")
+        fns = {impl: functions(impl) for impl in TIMED}
         elements = shape[0] * shape[1] * shape[2] * jnp.dtype(dtype).itemsize
         for name, index, nominal in (("fwd", 0, 3 * elements), ("fwd+bwd", 1, 8 * elements)):
-            t_scan = timed(scan_fns[index], data)
-            t_pallas = timed(pallas_fns[index], data)
-            tbps = nominal / t_pallas / 1e12
-            frac = f"{tbps / peak:>8.0%}" if peak else f"{'n/a':>8}"
-            print(f"{str(shape):<18}{jnp.dtype(dtype).name:<9}{name:<9}{1e3 * t_scan:>9.3f}{1e3 * t_pallas:>11.3f}"
-                  f"{t_scan / t_pallas:>8.2f}x{tbps:>13.2f} {frac}", flush=True)
-print("kernel plan at (784, 576):", plan_summary(784, 576))
+            times = {impl: timed(fns[impl][index], data) for impl in TIMED}
+            for impl, seconds in times.items():
+                tbps = nominal / seconds / 1e12
+                frac = f"{tbps / peak:>8.0%}" if peak else f"{'n/a':>8}"
+                print(f"{str(shape):<18}{jnp.dtype(dtype).name:<9}{name:<9}{impl:<9}{1e3 * seconds:>9.3f}"
+                      f"{times[TIMED[0]] / seconds:>8.2f}x{tbps:>8.2f} {frac}", flush=True)
+for tokens, channels in ((784, 576), (3136, 144), (16384, 576)):
+    print(f"kernel plan at (T, C) = ({tokens}, {channels}):", plan_summary(tokens, channels))
 
 
 # ---------------------------------------------------------------------------------------- 3. train step
@@ -210,7 +217,7 @@ else:
         return batch * steps / seconds, 1e3 * seconds / steps, compile_s, float(loss)
 
     print(f"{'wkv_impl':<10}{'images/s':>10}{'ms/step':>10}{'compile+warm-up s':>19}{'loss':>9}", flush=True)
-    for impl in ("scan", "pallas"):
+    for impl in TIMED:
         rate, ms, compile_s, loss = train_step_rate(impl)
         print(f"{impl:<10}{rate:>10.1f}{ms:>10.1f}{compile_s:>19.1f}{loss:>9.4f}", flush=True)
 print("\ngpu_check: done", flush=True)

@@ -1,70 +1,95 @@
 """Pallas kernel of the bidirectional WKV (forward and backward), variants ``official`` and ``paper``.
 
-Semantics: exactly ``rwkvunet_jax.wkv.bi_wkv(..., impl="naive")`` (see that module's docstring). Per batch
-element and channel, y_t = sum_m e^{k_m} f(t, m) v_m / (sum_m e^{k_m} f(t, m) + eps_t).
+Semantics: exactly ``rwkvunet_jax.wkv.bi_wkv(..., impl="naive")`` (see that module's docstring), including the
+official kernel's EPS * e^{o_t}. Per batch element and channel, y_t = N_t / D_t with N_t = sum_m W[t, m] v_m and
+D_t = sum_m W[t, m] + eps_t, W[t, m] = e^{k_m} f(t, m).
 
-Linear-time form. For the official variant (chunks of n = ceil(T / 32) tokens starting at s), the weights of
-token t split into pieces that are each a linear recurrence over tokens:
+Pieces. With r = e^{-w}, g = e^{w} and chunks of n = ceil(T / 32) tokens starting at s (official)::
 
-* G_t, earlier chunks, sum_{m<s} e^{-w(t-m)} e^{k_m}: decays by e^{-w} per token; at a chunk start it
-  absorbs e^{-w} Q (so G + e^{-w} Q is the global exclusive prefix);
-* Q_t, same chunk, sum_{s<=m<t} e^{-w(t-m-1)} e^{k_m}: decays by e^{-w}, restarts empty at chunk starts;
-* S_t, same-chunk residual, sum_{s<m<t} e^{w(t-m)} e^{k_m}: grows by e^{w}, restarts, weight 1 - e^{w};
-* the token itself, e^{k_t}(e^{u} + [t > s](1 - e^{w}));
-* F_t = e^{-w} B_t, all later tokens, with B_t = sum_{m>t} e^{-w(m-t-1)} e^{k_m} a reverse recurrence.
+    P_t = sum_{m<t} e^{k_m} r^{t-m}                                   (all earlier tokens)
+    F_t = sum_{m>t} e^{k_m} r^{m-t}                                   (all later tokens)
+    B_t = sum_{m<s} e^{k_m} r^{t-m} + sum_{s<=m<t} e^{k_m} r^{t-m-1}  (B_s = P_s, then B_{t+1} = r B_t + e^{k_t})
+    S_t = sum_{s<m<t} e^{k_m} g^{t-m}                                 (same chunk)
 
-The paper variant is Q (never restarted) + self (e^{u}) + B. Every piece is held as (top, age, scaled sums):
-its running maximum exponent is ``top + rate * w * age`` (rate -1 for decaying, +1 for growing pieces), so
-|k| of 60 and negative w neither overflow nor underflow, and ``age`` counts tokens exactly, so float32
-rounding of the reference exponent does not pile up over long sequences. Pieces are combined only at the
-output because 1 - e^{w} may be negative.
+    official: N_t = B_t + F_t - (g - 1) S_t + (e^u + [t>s](1 - g)) e^{k_t} v_t     (D: v -> 1, plus eps_t)
+    paper:    N_t = g (P_t + F_t) + e^u e^{k_t} v_t
 
-Parallel layout (``_Plan``): the grid is (batch, channel blocks, time tiles of ``chunk_len`` tokens). Three
-``pallas_call``s per pass:
+(1 - g may be negative, so the pieces are summed only at the output.) o_t, the official kernel's running
+maximum that scales EPS, is the max-plus analogue of the same sums: e^{o_t} = max(G_t, H_t, e^{u + k_t}) with
+G the largest term of B and H_t = g max(H_{t-1}, e^{k_t}) inside a chunk, H_s = max(e^{k_s}, largest term of F_s);
+both are carried with one multiply and one max per token.
 
-1. ``summary``: each tile runs its recurrences from empty states and writes the end states (a few numbers
-   per channel).
-2. ``combine``: one program per (batch, channel block) scans the tile summaries in both directions and writes
-   each tile's incoming states (tile-level transfer: age by the tile length, or restart if the tile holds a
-   chunk start). Cheap: its traffic is a few numbers per tile, and summaries are read in groups so that their
-   loads overlap.
-3. ``output``: each tile reruns its recurrences from the incoming states. The rows of a tile are unrolled, so
-   all its loads are issued at once and the reverse-direction partial sums stay in registers until the
-   forward sweep combines them into the output rows. Tiles run in reverse order of pass 1, so the most
-   recently read keys and values are still in L2.
+Numerics. Inside a tile of L tokens everything is held relative to one reference exponent kappa (the largest
+key of the tile and of the incoming sums), so a token costs one exp2 (of k log2 e - kappa) and the recurrences
+are multiply-adds by r or g (exponents are base 2: every exp is one hardware ex2). Between tiles a sum travels
+as (reference exponent, scaled values) whose reference is its exact largest term. Accuracy: a tile's sums span
+a factor e^{|w| L} at most, so results match the dense definition to float32 rounding while |w| L stays below
+~40 (|w| below ~1.4 per token at the default 28-token tiles; the models pass w = decay / T, far smaller).
 
-The official chunking (n = ceil(T/32)) is semantics and is followed exactly; the time tiles are only the
-unit of parallelism, so results do not depend on ``chunk_len`` beyond float rounding.
+Official weights for w n > 2. The same-chunk weight e^{-w(d-1)} + (1 - e^w) e^{w d} (token d places back)
+turns negative once w d exceeds ~1 and dominates the row once w n exceeds ~2 (decay above ~64): D_t can
+then be small or negative and y_t large, exactly as the official kernel and the naive reference compute it.
+The kernel evaluates the same sums (no NaN or inf while |w| L is in range above); tests cover w n up to ~6.
 
-Backward: with D_t the denominator, alpha_t = g_t / D_t and beta_t = -g_t y_t / D_t,
-dv_m = e^{k_m} X^a_m, dk_m = e^{k_m}(v_m X^a_m + X^b_m) where X = sum_t f(t, m) x_t is the *transposed*
-operator (the paper's f is symmetric; the official transposed operator has the same pieces with the chunk
-structure mirrored, so its segmented sweep runs backwards in time). dw = sum_m e^{k_m}(v_m dX^a_m/dw + dX^b_m/dw),
-computed by carrying d/dw twins of every piece (forward-mode for the single scalar w per channel), and
-du = sum_t e^{u + k_t}(alpha_t v_t + beta_t). The same three-pass scheme runs on alpha, beta with exponents
--o_t; the forward pass saves only o_t (the largest exponent) and the scaled denominator. As in the naive
-definition, o_t (the scale of EPS) is held constant for differentiation.
+Parallel layout (``_Plan``). Tiles follow the official chunks: a tile is g = tile_len // n whole chunks, or,
+when n > tile_len, one of p = ceil(n / tile_len) parts of a chunk (the paper variant tiles freely). A
+*segment* is q consecutive tiles (whole chunks) that one program walks in a loop; there are S = ceil(tiles /
+q) <= 32 segments per row, as few as still give about ``_RESIDENT_PROGRAMS`` one-warp programs (all of them
+resident on an H100/H200). The grid is (batch, channel blocks of ``block_c``, segments). No combine pass:
+each program merges the other segments' totals itself (at most 31 steps, in parallel across programs), so
+long T is never a serial walk over tiles: at T = 16384 (chunks of 512) a program walks its own segment only.
+Forward: ``summary`` (walks its tiles right to left: each segment's P and F totals and, inside the segment,
+F at each tile) and ``output`` (left to right: P, B, S carried, F from the summary; each program first
+scans the <= 31 other segments' totals). Backward: ``summary`` (left to right: recomputes D from k, reads g and
+y, and writes, per tile, the forward P it carried and the transposed sum F' of earlier rows; per segment the
+transposed totals) and ``output`` (right to left: recomputes the forward tile, carries F and the transposed
+sums of later rows, writes dk, dv and per-segment dw, du). Traffic: ``traffic_summary``.
 
-Lowering: Triton-backed Pallas on GPU (``CompilerParams`` from ``jax.experimental.pallas.triton``; a bare
-``pallas_call`` would go to Mosaic GPU on jax >= 0.10). Every array inside the kernels is one row of
-``block_c`` channels (a power of two); time indices are scalars, so T is arbitrary. Channels beyond C and
-tokens beyond T are masked. Elsewhere the kernels run in Pallas interpret mode, where a tile's rows run in a
-``fori_loop`` over (tile, block_c) blocks instead of being unrolled (XLA compiles long unrolled recurrences
-very slowly); the per-row arithmetic is the same code, and a test runs the unrolled path interpreted too.
+Backward: with alpha_t = g_t / D_t and beta_t = -alpha_t y_t, dv_m = e^{k_m} X^a_m and dk_m = v_m dv_m +
+e^{k_m} X^b_m, where X_m = sum_t f(t, m) c_t is the transposed operator: F' (earlier rows), P' and B' (later
+rows; B' restarts at chunk ends), S' (later rows of the same chunk), each with its forward-mode tangent in w
+for dw; du = sum_t e^{u + k_t}(alpha_t v_t + beta_t). o_t (the scale of EPS) is held constant for
+differentiation. The compiled backward output rereads its tile's k and v (just read by the same program, so
+served by L1/L2) rather than holding them in registers across the reverse sweep.
 
-Traffic (forward, per token and channel): k, v are read twice (summary and output passes) and y written
-once, plus 8 (official) or 4 (paper) float32 summary numbers per tile, each moved four times (written by
-pass 1, read and written by pass 2, read by pass 3); with the default 16-token tiles that is about 7 float32
-array-equivalents against the nominal 3 (k, v, y), less where the second read of k, v hits L2. Larger
-``chunk_len`` trades summary traffic for registers. Not yet measured on a GPU: benchmarks/gpu_check.sh
-prints the numbers.
+Footprint. Everything lives in registers: no shared memory (0 bytes per kernel in the report below), one
+thread per channel, a tile's rows unrolled (the backward output holds ~4 floats per row of its tile). Scratch
+in HBM, float32, per batch element and channel: per segment 6 (forward) and 10 + 2 (backward) floats; per tile
+3 (F), 3 (P; 10 when chunks are split) and 5 (F') floats, i.e. ~0.45 floats per token at T = 784.
+
+Measured (``python benchmarks/kernel_report.py --compare cd26de8``: Triton IR captured while lowering for CUDA
+on a CPU, compiled for sm_90 by the pip triton 3.8 wheel; (24, 784, 576) float32 official, 2 loaded cores;
+per token and channel; compile in CPU seconds)::
+
+    kernel (grid 24 x 18 x 2, 1 warp)  regs  spill  SASS  EX2  instr/tok  exp/tok  compile s
+    forward summary                      127      0   653   32       23.4     1.27        2.4
+    forward output                       128      0  1395   38       53.4     1.28        5.0
+    backward summary                     236      0  1667   42       61.2     1.45        9.9
+    backward output                      255     48  3020   71      117.4     2.59       59.2
+
+    target (issue 11)                  before (cd26de8)   now     met
+    exp per token, forward                   14.2          2.6    yes
+    exp per token, backward                  16.4          4.04   no  (1% over)
+    SASS instr per token, fwd+bwd           929.2        255.9    yes (<= 310)
+    max registers per kernel                  255          255    no  (<= 168: backward output, summary 236)
+    spilled bytes                               0           48    no  (backward output)
+    max Triton compile s per kernel         165.2         59.2    no  (<= 30: backward output)
+    training traffic, f32 arrays             31.0         14.0    yes (<= 14)
+
+Lowering: Triton-backed Pallas on GPU (``CompilerParams`` from ``jax.experimental.pallas.triton``); arrays
+inside the kernels are rows of ``block_c`` channels (a power of two) and time indices are scalars, so T is
+arbitrary. A tile is read and written as one 2-D block per array (one load or store in the Triton IR, whose
+compile time grows with the number of memory operations times the size of the code) and split into rows in
+registers. Elsewhere the same code runs in Pallas interpret mode, rows in a loop (shorter default tiles, which
+keep XLA's compile quick; results do not depend on the tiling beyond float rounding).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple, Sequence
+import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -72,16 +97,40 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from .wkv_spec import EMPTY_EXPONENT as _EMPTY
-from .wkv_spec import EPS, check_inputs, chunk_length
+from .wkv_spec import EPS, NUM_CHUNKS, check_inputs, chunk_length
 
-__all__ = ["bi_wkv_pallas", "default_interpret", "plan_summary"]
+__all__ = ["bi_wkv_pallas", "default_interpret", "plan_summary", "traffic_summary"]
 
-# Tiles whose summaries the combine pass loads at once (their loads overlap).
-_COMBINE_GROUP = 8
-_DEFAULT_TILE_FORWARD = 16
-_DEFAULT_TILE_BACKWARD = 8
+_LOG2E = 1.4426950408889634
+_DEFAULT_TILE_LEN = 28  # compiled: most rows per tile (T = 784: one official chunk of 25 tokens per tile)
+_DEFAULT_TILE_LEN_INTERPRET = 8  # interpret mode: short tiles keep XLA's compile of the row loops quick
 _DEFAULT_BLOCK_C = 32
+# Segments per row: as few as still give about this many one-warp programs: 132 SMs x 6 warps (H100/H200;
+# all resident even at 255 registers, 8 warps per SM). Fewer segments move fewer per-segment and per-tile
+# sums through memory; the official CUDA kernel runs B * C / 32 warps, fewer still.
+_RESIDENT_PROGRAMS = 132 * 6
+# Lower bound of a tile's reference exponent: finite, and far enough above EMPTY that 2^(EMPTY - kappa) is 0.
+_KAPPA_FLOOR = -1e29
+# Clamp of rescaling exponents (log2): 2^100 times a value that underflowed stays finite.
+_RESCALE_CAP = 100.0
 _SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+# Compiled: rows read or written after a tile's first sweep move in blocks of this many rows, each when first
+# needed (reads) or complete (writes), so that a tile's rows are not all live in registers at once.
+_ROW_BLOCK = 16
+# Test hook: run the compiled path's unrolled, row-at-a-time code in interpret mode too (tests set it; slow to
+# compile in XLA for long tiles).
+_UNROLL_IN_INTERPRETER = False
+
+
+def _div(x, n: int):
+    """x // n for x >= 0 (a Python int or traced int32). lax.div: jnp's // and % are calls with literal
+    operands, which the Triton lowering mis-binds inside a loop (operand types i32 and i1)."""
+    return x // n if isinstance(x, int) else lax.div(x, jnp.int32(n))
+
+
+def _rem(x, n: int):
+    """x % n for x >= 0 (see _div)."""
+    return x % n if isinstance(x, int) else lax.rem(x, jnp.int32(n))
 
 
 def default_interpret() -> bool:
@@ -94,329 +143,163 @@ def default_interpret() -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-    """Static description of one pass (forward operator, or transposed operator with w-tangents)."""
-
     official: bool
     batch: int
     tokens: int
     channels: int
-    tile: int
     block_c: int
-    num_warps: int
+    tile_len: int
     interpret: bool
-    backward: bool = False
-    # Interpret mode normally loops over a tile's rows (XLA compiles unrolled recurrences very slowly); tests
-    # set this to run the compiled path's unrolled, row-at-a-time code in the interpreter (small tiles only).
-    unrolled: bool = False
+    unrolled: bool = False  # interpret mode only: see _UNROLL_IN_INTERPRETER
+    segments: int | None = None  # requested segments per row (None: from _RESIDENT_PROGRAMS)
 
     @property
     def looped(self) -> bool:
+        """Rows of a tile run in a loop over (rows, block_c) arrays (interpret mode), else unrolled."""
         return self.interpret and not self.unrolled
 
     @property
-    def chunk(self) -> int:  # official chunk length n (semantics, not tiling)
+    def chunk(self) -> int:  # official chunk length n (semantics)
         return chunk_length(self.tokens)
 
     @property
+    def unit(self) -> int:  # tiles hold whole units (official chunks; single tokens for the paper variant)
+        return self.chunk if self.official else 1
+
+    @property
+    def per_unit(self) -> int:  # p: tiles per chunk (> 1: chunks split across tiles)
+        return -(-self.unit // self.tile_len)
+
+    @property
+    def split(self) -> bool:
+        return self.per_unit > 1
+
+    @property
+    def rows(self) -> int:  # L: rows per tile
+        if self.split:
+            return -(-self.unit // self.per_unit)
+        return min((self.tile_len // self.unit) * self.unit, self.tokens)
+
+    @property
+    def num_units(self) -> int:
+        return -(-self.tokens // self.unit)
+
+    @property
     def num_tiles(self) -> int:
-        return -(-self.tokens // self.tile)
+        return self.num_units * self.per_unit if self.split else -(-self.tokens // self.rows)
 
     @property
     def num_cblocks(self) -> int:
         return -(-self.channels // self.block_c)
 
     @property
-    def transposed(self) -> bool:
-        # The official transposed operator restarts at chunk *ends*, i.e. its segmented sweep runs backwards.
-        return self.official and self.backward
+    def tiles_per_segment(self) -> int:  # q (a multiple of p)
+        units = self.num_tiles // self.per_unit
+        want = self.segments or -(-_RESIDENT_PROGRAMS // (self.batch * self.num_cblocks))
+        want = max(1, min(want, NUM_CHUNKS, units))
+        return self.per_unit * -(-units // want)
 
     @property
-    def seg_rates(self) -> tuple[int, ...]:
-        return (-1, -1, +1) if self.official else (-1,)  # (G, Q, S) or (Q,)
+    def num_segments(self) -> int:
+        return -(-self.num_tiles // self.tiles_per_segment)
 
     @property
-    def fields(self) -> int:  # numbers per piece in summaries: (ref, x1, x2, dx1, dx2) or compact (lam, ratio)
-        return 5 if self.backward else 2
+    def tile_slots(self) -> int:  # rows of the per-tile state arrays: every tile a program visits
+        return self.num_segments * self.tiles_per_segment
 
     @property
-    def num_fields(self) -> int:
-        return (len(self.seg_rates) + 1) * self.fields
+    def num_warps(self) -> int:
+        return max(1, min(4, self.block_c // 32))
+
+    def tile_start(self, tau):
+        """First token of tile tau (a Python int or a traced int32)."""
+        if self.split:
+            return _div(tau, self.per_unit) * self.unit + _rem(tau, self.per_unit) * self.rows
+        return tau * self.rows
+
+    def tile_end(self, tau):
+        """One past the last valid token of tile tau."""
+        if self.split:
+            return jnp.minimum((_div(tau, self.per_unit) + 1) * self.unit, self.tokens)
+        return jnp.minimum(tau * self.rows + self.rows, self.tokens)
+
+    def seg_start(self, s):
+        return self.tile_start(s * self.tiles_per_segment)
 
 
-def plan_summary(tokens: int, channels: int, *, chunk_len: int | None = None, block_c: int | None = None) -> dict:
-    """Tile sizes, grid and summary sizes the kernels use for (T, C) (for benchmarks and logs)."""
-    fwd_tile = chunk_len or _DEFAULT_TILE_FORWARD
-    bwd_tile = chunk_len or _DEFAULT_TILE_BACKWARD
-    bc = block_c or _default_block_c(channels)
-    return {
-        "block_c": bc,
-        "num_warps": _num_warps(bc),
-        "forward_tile": fwd_tile,
-        "backward_tile": bwd_tile,
-        "forward_grid_per_batch": (-(-channels // bc), -(-tokens // fwd_tile)),
-        "backward_grid_per_batch": (-(-channels // bc), -(-tokens // bwd_tile)),
-    }
+def _tile_len_default(interpret: bool) -> int:
+    return _DEFAULT_TILE_LEN_INTERPRET if interpret else _DEFAULT_TILE_LEN
 
 
 def _default_block_c(channels: int) -> int:
     return min(_DEFAULT_BLOCK_C, pl.next_power_of_2(channels))
 
 
-def _num_warps(block_c: int) -> int:
-    return max(1, min(4, block_c // 32))
+def _make_plan(official: bool, batch: int, tokens: int, channels: int, *, tile_len: int | None = None,
+               block_c: int | None = None, segments: int | None = None, interpret: bool = False,
+               unrolled: bool = False) -> _Plan:
+    return _Plan(official, batch, tokens, channels, block_c or _default_block_c(channels),
+                 tile_len or _tile_len_default(interpret), interpret, unrolled, segments)
 
 
-# ---------------------------------------------------------------------------------- running-max partial sums
+def plan_summary(tokens: int, channels: int, *, batch: int = 1, tile_len: int | None = None,
+                 block_c: int | None = None, segments: int | None = None, interpret: bool = False) -> dict:
+    """Tiling the kernels use for (B, T, C), official variant: chunk n, rows per tile, tiles, segments, grid."""
+    plan = _make_plan(True, batch, tokens, channels, tile_len=tile_len, block_c=block_c, segments=segments,
+                      interpret=interpret)
+    return {"chunk": plan.chunk, "rows_per_tile": plan.rows, "tiles_per_chunk": plan.per_unit,
+            "tiles": plan.num_tiles, "tiles_per_segment": plan.tiles_per_segment,
+            "segments": plan.num_segments, "block_c": plan.block_c, "num_warps": plan.num_warps,
+            "grid": (batch, plan.num_cblocks, plan.num_segments)}
 
 
-class _Acc(NamedTuple):
-    """sum_j x_j e^{a_j} as e^{ref} * vals with ref = top + rate * w * age (rate is static per piece).
+def traffic_summary(tokens: int, channels: int, *, batch: int = 1, tile_len: int | None = None,
+                    segments: int | None = None) -> dict:
+    """Nominal memory traffic in float32 array-equivalents (B*T*C*4 bytes each), every read and write counted.
 
-    ``vals`` is (x1, x2) or, in the backward pass, (x1, x2, dx1, dx2) where dx = d(sum)/dw * e^{-ref}.
+    Token arrays: forward summary k, v; forward output k, v, y; backward summary k, g, y; backward output
+    k, v, g, dk, dv (13 for a training step). Per tile inside segments: F (3 floats) written by the forward
+    summary, read by the forward output and (2) the backward summary; the backward summary's P (3 + 7 when
+    chunks are split across tiles) and F' (5) read back by the backward output. Per segment: P and F totals
+    (6), the transposed totals (10) and dw, du (2) written once and read by the other segments' programs.
+    ``reread_cache`` is the backward output's second read of its own tile's k and v (L1/L2, not DRAM).
     """
-
-    top: jax.Array
-    age: jax.Array
-    vals: tuple[jax.Array, ...]
-
-
-def _empty(zeros: jax.Array, nvals: int) -> _Acc:
-    return _Acc(jnp.full_like(zeros, _EMPTY), zeros, (zeros,) * nvals)
-
-
-def _ref(a: _Acc, w: jax.Array, rate: int) -> jax.Array:
-    return a.top + (rate * w) * a.age
-
-
-def _aged(a: _Acc, steps: Any, rate: int) -> _Acc:
-    """Multiply by e^{rate * w * steps} (``steps`` tokens later); the tangent gains rate * steps * sum."""
-    vals = a.vals
-    if len(vals) == 4:
-        x1, x2, d1, d2 = vals
-        vals = (x1, x2, d1 + (rate * steps) * x1, d2 + (rate * steps) * x2)
-    return _Acc(a.top, a.age + steps, vals)
+    plan = _make_plan(True, batch, tokens, channels, tile_len=tile_len, segments=segments)
+    elems = tokens  # per channel and batch element
+    inner = plan.num_tiles - plan.num_segments  # tiles whose right neighbour is in the same segment
+    split_extra = 7 if plan.split else 0
+    per_tile_fwd = 3 + 3  # F written, read by the forward output
+    per_tile_bwd = 2 + (3 + split_extra + 5) * 2  # F read by the backward summary; P (+B, S, H) and F' w + r
+    S = plan.num_segments
+    reads = S * (S - 1)  # each program reads the totals of the S - 1 other segments, one direction each
+    fwd_states = 6 * S + 3 * reads  # totals written; the forward output reads P or F (3) of each other segment
+    bwd_states = 2 * reads + 3 * reads + 10 * S + 5 * reads + 2 * S  # bwd summary, bwd output; dw, du
+    r = lambda x: round(x, 2)  # noqa: E731
+    forward = 5 + (per_tile_fwd * inner + fwd_states) / elems
+    backward = 8 + (per_tile_bwd * inner + bwd_states) / elems
+    return {"forward": r(forward), "backward": r(backward), "training": r(forward + backward),
+            "token_arrays_only": 13, "reread_cache": 2}
 
 
-def _merge(a: _Acc, b: _Acc, w: jax.Array, rate: int) -> _Acc:
-    """a + b (same rate); one exponential: the larger side keeps scale 1."""
-    diff = _ref(a, w, rate) - _ref(b, w, rate)
-    small = jnp.exp(-jnp.abs(diff))
-    keep = diff >= 0
-    sa = jnp.where(keep, 1.0, small)
-    sb = jnp.where(keep, small, 1.0)
-    return _Acc(
-        jnp.where(keep, a.top, b.top),
-        jnp.where(keep, a.age, b.age),
-        tuple(x * sa + y * sb for x, y in zip(a.vals, b.vals)),
-    )
+# ------------------------------------------------------------------------------------------ small helpers
 
 
-def _add_term(a: _Acc, e: jax.Array, xs: tuple[jax.Array, jax.Array], w: jax.Array, rate: int) -> _Acc:
-    """a + e^{e} (x1, x2); the new term has no w-dependence (zero tangent)."""
-    diff = _ref(a, w, rate) - e
-    small = jnp.exp(-jnp.abs(diff))
-    keep = diff >= 0
-    sa = jnp.where(keep, 1.0, small)
-    sb = jnp.where(keep, small, 1.0)
-    vals = (a.vals[0] * sa + xs[0] * sb, a.vals[1] * sa + xs[1] * sb) + tuple(d * sa for d in a.vals[2:])
-    return _Acc(jnp.where(keep, a.top, e), jnp.where(keep, a.age, 0.0), vals)
+def _exp2(x):
+    return jnp.exp2(x)
 
 
-def _pick(flag: jax.Array, a: _Acc, b: _Acc) -> _Acc:
-    return jax.tree.map(lambda x, y: jnp.where(flag, x, y), a, b)
-
-
-def _pack(a: _Acc, w: jax.Array, rate: int, backward: bool) -> list[jax.Array]:
-    """Summary fields of a piece; forward sums are positive, so (log-sum, ratio) suffices."""
-    ref = _ref(a, w, rate)
-    if backward:
-        return [ref, *a.vals]
-    num, den = a.vals
-    present = den > 0
-    safe = jnp.where(present, den, 1.0)
-    return [jnp.where(present, ref + jnp.log(safe), _EMPTY), jnp.where(present, num / safe, 0.0)]
-
-
-def _unpack(fields: Sequence[jax.Array], backward: bool) -> _Acc:
-    zeros = jnp.zeros_like(fields[0])
-    if backward:
-        return _Acc(fields[0], zeros, tuple(fields[1:]))
-    lam, ratio = fields
-    return _Acc(lam, zeros, (ratio, (lam > 0.5 * _EMPTY).astype(jnp.float32)))
-
-
-# ------------------------------------------------------------------------------------------- token sweeps
-
-
-class _Row(NamedTuple):
-    t: jax.Array  # token index (int32 scalar)
-    e: jax.Array  # exponent of the token's term (k, or -o in the backward pass); _EMPTY where invalid
-    xs: tuple[jax.Array, jax.Array]  # (v, 1) forward, (alpha, beta) scaled, backward; 0 where invalid
-
-
-def _flags(plan: _Plan, t: jax.Array) -> dict[str, jax.Array]:
-    """Chunk flags of token t (official only): start of a segment in sweep order, residual in/out masks."""
-    r = lax.rem(t, jnp.int32(plan.chunk))
-    later = r != 0  # t > s
-    if plan.transposed:
-        start = (r == plan.chunk - 1) | (t == plan.tokens - 1)
-        return {"start": start, "res_in": None, "res_out": later, "later": later}
-    return {"start": r == 0, "res_in": later, "res_out": None, "later": later}
-
-
-def _seg_start(plan: _Plan, state: tuple[_Acc, ...], flags: dict, w: jax.Array) -> tuple[_Acc, ...]:
-    if not plan.official:
-        return state
-    g, q, s = state
-    empty = _empty(jnp.zeros_like(w), len(q.vals))
-    start = flags["start"]
-    g = _pick(start, _merge(g, _aged(q, 1.0, -1), w, -1), g)
-    return g, _pick(start, empty, q), _pick(start, empty, s)
-
-
-def _seg_update(plan: _Plan, state: tuple[_Acc, ...], row: _Row, flags: dict, w: jax.Array) -> tuple[_Acc, ...]:
-    if not plan.official:
-        (q,) = state
-        return (_add_term(_aged(q, 1.0, -1), row.e, row.xs, w, -1),)
-    g, q, s = state
-    g = _aged(g, 1.0, -1)
-    q = _add_term(_aged(q, 1.0, -1), row.e, row.xs, w, -1)
-    if flags["res_in"] is None:
-        s = _add_term(s, row.e, row.xs, w, +1)
-    else:
-        inc = flags["res_in"]
-        s = _add_term(s, jnp.where(inc, row.e, _EMPTY), tuple(jnp.where(inc, x, 0.0) for x in row.xs), w, +1)
-    return g, q, _aged(s, 1.0, +1)
-
-
-def _loop(plan: _Plan, reverse: bool, body: Callable, carry: Any) -> Any:
-    """Run ``body(i, carry)`` over the tile's rows: unrolled when compiled (rows stay in registers and all
-    loads issue at once), a ``fori_loop`` in interpret mode (XLA's compile time grows steeply with unrolled
-    recurrences)."""
-    n = plan.tile
-    if plan.looped:
-        return lax.fori_loop(0, n, lambda s, c: body(n - 1 - s if reverse else s, c), carry)
-    for i in range(n - 1, -1, -1) if reverse else range(n):
-        carry = body(i, carry)
-    return carry
-
-
-def _seq_empty(plan: _Plan, like: Any) -> Any:
-    """Per-row storage: a list (unrolled) or arrays with a leading tile axis (looped)."""
-    if plan.looped:
-        return jax.tree.map(lambda a: jnp.zeros((plan.tile,) + a.shape, a.dtype), like)
-    return [None] * plan.tile
-
-
-def _seq_get(plan: _Plan, seq: Any, i: Any) -> Any:
-    if plan.looped:
-        return jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, i, 0, keepdims=False), seq)
-    return seq[i]
-
-
-def _seq_set(plan: _Plan, seq: Any, i: Any, value: Any) -> Any:
-    if plan.looped:
-        return jax.tree.map(lambda a, x: lax.dynamic_update_index_in_dim(a, x.astype(a.dtype), i, 0), seq, value)
-    seq = list(seq)
-    seq[i] = value
-    return seq
-
-
-class _Rows(NamedTuple):
-    """The tile's token terms: exponent e (k, or -o in the backward pass; _EMPTY where invalid) and values
-    xs ((v, 1) forward, scaled (alpha, beta) backward; 0 where invalid), as per-row storage."""
-
-    tile0: jax.Array
-    e: Any
-    xs: Any
-
-    def get(self, plan: _Plan, i: Any) -> _Row:
-        return _Row(self.tile0 + i, _seq_get(plan, self.e, i), tuple(_seq_get(plan, self.xs, i)))
-
-
-def _seg_sweep(plan, rows: _Rows, state, w, emit=None, out=None):
-    """Segmented pieces over the tile in sweep order; ``out = emit(i, state, row, flags, out)`` before each
-    update. Returns (final state, out)."""
-
-    def body(i, carry):
-        state, out = carry
-        row = rows.get(plan, i)
-        flags = _flags(plan, row.t) if plan.official else {}
-        state = _seg_start(plan, state, flags, w)
-        if emit is not None:
-            out = emit(i, state, row, flags, out)
-        return _seg_update(plan, state, row, flags, w), out
-
-    return _loop(plan, plan.transposed, body, (state, out))
-
-
-def _plain_sweep(plan, rows: _Rows, acc, w, keep: bool = False):
-    """The unsegmented piece (B forward / H transposed) in the opposite direction. Returns (final, exclusive
-    partial sums per row or None)."""
-
-    def body(i, carry):
-        acc, partials = carry
-        if keep:
-            partials = _seq_set(plan, partials, i, acc)
-        row = rows.get(plan, i)
-        return _add_term(_aged(acc, 1.0, -1), row.e, row.xs, w, -1), partials
-
-    return _loop(plan, not plan.transposed, body, (acc, _seq_empty(plan, acc) if keep else None))
-
-
-def _assemble(plan, state, plain, row, flags, w, u):
-    """Combine every piece at one token: returns (top, X1, X2[, dX1, dX2]) scaled by e^{-top}."""
-    ew = jnp.exp(w)
-    leak = 1.0 - ew  # may be negative
-    tangent = plan.backward
-    # (reference exponent, coefficient, d coefficient / dw, vals)
-    terms = []
-    if plan.official:
-        g, q, s = state
-        terms.append((_ref(g, w, -1), 1.0, 0.0, g.vals))
-        terms.append((_ref(q, w, -1), 1.0, 0.0, q.vals))
-        out = flags["res_out"]
-        s_ref = _ref(s, w, +1)
-        if out is None:
-            terms.append((s_ref, leak, -ew, s.vals))
-        else:
-            terms.append((jnp.where(out, s_ref, _EMPTY), jnp.where(out, leak, 0.0), jnp.where(out, -ew, 0.0), s.vals))
-        f = _aged(plain, 1.0, -1)  # F = e^{-w} B
-        terms.append((_ref(f, w, -1), 1.0, 0.0, f.vals))
-        later = flags["later"]
-        self_vals = tuple(row.xs) + ((0.0, 0.0) if tangent else ())
-        terms.append((row.e + u, 1.0, 0.0, self_vals))
-        terms.append((jnp.where(later, row.e, _EMPTY), jnp.where(later, leak, 0.0), jnp.where(later, -ew, 0.0), self_vals))
-    else:
-        (q,) = state
-        terms.append((_ref(q, w, -1), 1.0, 0.0, q.vals))
-        terms.append((_ref(plain, w, -1), 1.0, 0.0, plain.vals))
-        terms.append((row.e + u, 1.0, 0.0, tuple(row.xs) + ((0.0, 0.0) if tangent else ())))
-    top = terms[0][0]
-    for ref, *_ in terms[1:]:
-        top = jnp.maximum(top, ref)
-    acc = None
-    for ref, coef, dcoef, vals in terms:
-        scale = jnp.exp(ref - top)
-        parts = [coef * scale * vals[0], coef * scale * vals[1]]
-        if tangent:
-            parts += [scale * (coef * vals[2] + dcoef * vals[0]), scale * (coef * vals[3] + dcoef * vals[1])]
-        acc = parts if acc is None else [a + p for a, p in zip(acc, parts)]
-    return top, acc
-
-
-# ---------------------------------------------------------------------------------------- kernel helpers
+def _log2(x):
+    return jnp.maximum(jnp.log2(x), _EMPTY)
 
 
 def _index(index: tuple) -> tuple:
-    # Python ints become int32 scalars: interpret mode's discharge rules expect arrays or slices.
     return tuple(jnp.int32(i) if isinstance(i, int) else i for i in index)
 
 
-def _load(ref, index, mask):
+def _load(ref, index, mask, other=0.0):
     from jax.experimental.pallas import triton as pltriton
 
-    return pltriton.load(ref.at[_index(index)], mask=mask, other=0.0).astype(jnp.float32)
+    return pltriton.load(ref.at[_index(index)], mask=mask, other=other).astype(jnp.float32)
 
 
 def _store(ref, index, value, mask):
@@ -425,275 +308,877 @@ def _store(ref, index, value, mask):
     pltriton.store(ref.at[_index(index)], value.astype(ref.dtype), mask=mask)
 
 
-class _TileIO:
-    """Token rows of one tile in and out of (T, block_c) blocks, as per-row storage (see ``_loop``).
-
-    Compiled: one (block_c,) row per access: Triton wants power-of-two arrays, and a row load works for any
-    T. Interpret mode: one (tile, block_c) access per array, rows indexed inside the loop.
-    """
-
-    def __init__(self, plan: _Plan, tile0: jax.Array, cmask: jax.Array):
-        self.plan, self.tile0, self.cmask = plan, tile0, cmask
-        self._blocks: dict[int, jax.Array] = {}
-
-    def valid(self, i: Any) -> jax.Array:
-        """(block_c,) mask of row i, or (tile, block_c) for i=None in interpret mode."""
-        if i is None:
-            rows = self.tile0 + lax.broadcasted_iota(jnp.int32, (self.plan.tile, self.plan.block_c), 0)
-            return (rows < self.plan.tokens) & self.cmask[None, :]
-        return self.cmask & (self.tile0 + i < self.plan.tokens)
-
-    def _block(self, ref) -> jax.Array:
-        if id(ref) not in self._blocks:
-            self._blocks[id(ref)] = _load(ref, (pl.ds(self.tile0, self.plan.tile), slice(None)), self.valid(None))
-        return self._blocks[id(ref)]
-
-    def get(self, ref, i: Any) -> jax.Array:
-        if self.plan.looped:
-            return lax.dynamic_index_in_dim(self._block(ref), i, 0, keepdims=False)
-        return _load(ref, (self.tile0 + i, slice(None)), self.valid(i))
-
-    def map(self, fn: Callable, *refs) -> Any:
-        """Per-row storage of fn(*(row of each ref), valid), fn elementwise (so it also takes whole blocks)."""
-        if self.plan.looped:
-            return fn(*(self._block(r) for r in refs), self.valid(None))
-        return [fn(*(self.get(r, i) for r in refs), self.valid(i)) for i in range(self.plan.tile)]
-
-    def outputs(self, names: Sequence[str], like: jax.Array) -> dict | None:
-        """Carry for ``put``: output blocks in interpret mode, nothing when compiled (rows stored at once)."""
-        if self.plan.looped:
-            return {n: jnp.zeros((self.plan.tile,) + like.shape, jnp.float32) for n in names}
-        return None
-
-    def put(self, out: dict | None, refs: dict, name: str, i: Any, value: jax.Array) -> dict | None:
-        if self.plan.looped:
-            return {**out, name: lax.dynamic_update_index_in_dim(out[name], value, i, 0)}
-        _store(refs[name], (self.tile0 + i, slice(None)), value, self.valid(i))
-        return out
-
-    def flush(self, out: dict | None, refs: dict) -> None:
-        if self.plan.looped:
-            for name, block in out.items():
-                _store(refs[name], (pl.ds(self.tile0, self.plan.tile), slice(None)), block, self.valid(None))
+def _select(flag, a, b):
+    """flag may be a Python bool (resolved at trace time) or a traced bool."""
+    if flag is True:
+        return a
+    if flag is False:
+        return b
+    return jax.tree.map(lambda x, y: jnp.where(flag, x, y), a, b)
 
 
-def _load_fields(plan: _Plan, ref, j, mask, first: int = 0, count: int | None = None) -> list[jax.Array]:
-    """Fields [first, first + count) of tile j's summary row (one (block_c,) row each)."""
-    count = plan.num_fields - first if count is None else count
+def _not(flag):
+    return (not flag) if isinstance(flag, bool) else jnp.logical_not(flag)
+
+
+class _Sum(NamedTuple):
+    """sum_j x_j 2^{e_j} held as 2^{ref} * vals (ref: the largest exponent, or an upper bound near it)."""
+
+    ref: Any
+    vals: tuple
+
+
+def _empty_sum(zeros, nvals: int) -> _Sum:
+    return _Sum(jnp.full_like(zeros, _EMPTY), (zeros,) * nvals)
+
+
+def _rescale(vals, delta):
+    """vals * 2^{delta}, delta <= a small number unless the values underflowed (capped: never inf)."""
+    s = _exp2(jnp.minimum(delta, _RESCALE_CAP))
+    return tuple(x * s for x in vals)
+
+
+def _shift(a: _Sum, steps, w2, rate: int) -> _Sum:
+    """The sum ``steps`` tokens on (rate -1: decays by e^{-w} per token, +1: grows); tangents (vals[2:]) follow."""
+    vals = a.vals
+    if len(vals) == 4:
+        x1, x2, d1, d2 = vals
+        vals = (x1, x2, d1 + (rate * steps) * x1, d2 + (rate * steps) * x2)
+    return _Sum(a.ref + (rate * steps) * w2, vals)
+
+
+def _merge(a: _Sum, b: _Sum) -> _Sum:
+    top = jnp.maximum(a.ref, b.ref)
+    sa, sb = _exp2(a.ref - top), _exp2(b.ref - top)
+    return _Sum(top, tuple(x * sa + y * sb for x, y in zip(a.vals, b.vals)))
+
+
+def _with_ref(a: _Sum, ref) -> tuple:
+    """a's values relative to 2^{ref} (ref >= a.ref)."""
+    return _rescale(a.vals, a.ref - ref)
+
+
+class _Consts(NamedTuple):
+    """Per-program constants of one channel block (log2 units; r = e^{-w}, g = e^{w})."""
+
+    w2: Any
+    u2: Any
+    r: Any
+    g: Any
+    eu: Any
+    em1: Any  # g - 1
+    c1g: Any  # (g - 1) g
+    c1gd: Any  # d/dw of (g - 1) g
+
+
+def _consts(w_ref, u_ref, cmask) -> _Consts:
+    w2 = _load(w_ref, (slice(None),), cmask) * _LOG2E
+    u2 = _load(u_ref, (slice(None),), cmask) * _LOG2E if u_ref is not None else jnp.zeros_like(w2)
+    r, g = _exp2(-w2), _exp2(w2)
+    return _Consts(w2, u2, r, g, _exp2(u2), g - 1.0, (g - 1.0) * g, (2.0 * g - 1.0) * g)
+
+
+# ------------------------------------------------------------------------------------------ rows of a tile
+# A tile's per-row values are a list of (block_c,) arrays when compiled (rows unrolled: Triton keeps them in
+# registers) and one (rows, block_c) array in interpret mode, where the rows run in a fori_loop (XLA compiles
+# long unrolled recurrences slowly). The per-row arithmetic is the same code either way.
+
+
+def _map(plan: _Plan, fn, *seqs):
     if plan.looped:
-        slab = _load(ref, (j, slice(None), slice(None)), mask[None, :])
-        return [slab[f] for f in range(first, first + count)]
-    return [_load(ref, (j, f, slice(None)), mask) for f in range(first, first + count)]
+        return fn(*seqs)
+    return [fn(*xs) for xs in zip(*seqs)]
 
 
-def _store_fields(plan: _Plan, ref, j, fields: Sequence[jax.Array], mask, first: int = 0) -> None:
-    if plan.looped and first == 0 and len(fields) == plan.num_fields:
-        _store(ref, (j, slice(None), slice(None)), jnp.stack(fields), mask[None, :])
-        return
-    for f, value in enumerate(fields):
-        _store(ref, (j, first + f, slice(None)), value, mask)
+def _get(plan: _Plan, seq, i):
+    if plan.looped:
+        return jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, i, 0, keepdims=False), seq)
+    return seq[i]
 
 
-def _channel_mask(plan: _Plan, cblock: jax.Array) -> jax.Array:
+def _seq_new(plan: _Plan, like):
+    if plan.looped:
+        return jax.tree.map(lambda x: jnp.zeros((plan.rows,) + x.shape, x.dtype), like)
+    return [None] * plan.rows
+
+
+def _set(plan: _Plan, seq, i, value):
+    if plan.looped:
+        return jax.tree.map(lambda a, x: lax.dynamic_update_index_in_dim(a, x, i, 0), seq, value)
+    if isinstance(seq, _RowWriter):
+        seq.put(i, value)
+        return seq
+    seq = list(seq)
+    seq[i] = value
+    return seq
+
+
+def _sweep(plan: _Plan, body, carry, reverse: bool = False):
+    """carry = body(i, carry) for each row (reversed: last row first)."""
+    rows = plan.rows
+    if plan.looped:
+        return lax.fori_loop(0, rows, lambda j, c: body(rows - 1 - j if reverse else j, c), carry)
+    for i in (reversed(range(rows)) if reverse else range(rows)):
+        carry = body(i, carry)
+    return carry
+
+
+def _seq_max(plan: _Plan, seq):
+    if plan.looped:
+        return jnp.max(seq, axis=0)
+    return functools.reduce(jnp.maximum, seq[1:], seq[0])
+
+
+def _start(plan: _Plan, jj, i):
+    """Whether row i of tile jj of a segment starts an official chunk: a Python bool or a traced bool."""
+    if not plan.official:
+        return False
+    if plan.split:
+        if isinstance(i, int) and i > 0:
+            return False
+        first = _rem(jj, plan.per_unit) == 0
+        return first if isinstance(i, int) else jnp.logical_and(i == 0, first)
+    return _rem(i, plan.unit) == 0
+
+
+def _end(plan: _Plan, jj, i):
+    """Whether row i is the last row of its official chunk inside the tile (the tile's last row counts)."""
+    if not plan.official:
+        return False
+    last = plan.rows - 1
+    if plan.split:
+        if isinstance(i, int) and i < last:
+            return False
+        final = _rem(jj, plan.per_unit) == plan.per_unit - 1
+        return final if isinstance(i, int) else jnp.logical_and(i == last, final)
+    if isinstance(i, int):
+        return i % plan.unit == plan.unit - 1 or i == last
+    return jnp.logical_or(_rem(i, plan.unit) == plan.unit - 1, i == last)
+
+
+class _Tile(NamedTuple):
+    """One tile's rows: log2 keys (EMPTY where invalid), values (0 where invalid, or None), valid masks."""
+
+    k2: Any
+    v: Any
+    valid: Any
+
+
+class _Left(NamedTuple):
+    """Forward sums carried left to right, at a tile's first row: P; and, when official chunks are split
+    across tiles, B, S and log2 H of the chunk in progress (ignored at a chunk start)."""
+
+    p: _Sum
+    b: _Sum | None = None
+    s: _Sum | None = None
+    h: Any = None
+
+
+def _left_empty(plan: _Plan, zeros, nv: int) -> _Left:
+    p = _empty_sum(zeros, nv)
+    if plan.official and plan.split:
+        return _Left(p, p, p, jnp.full_like(zeros, _EMPTY))
+    return _Left(p)
+
+
+def _left_shift(left: _Left, steps, w2) -> _Left:
+    if left.b is None:
+        return _Left(_shift(left.p, steps, w2, -1))
+    return _Left(_shift(left.p, steps, w2, -1), _shift(left.b, steps, w2, -1), _shift(left.s, steps, w2, +1),
+                 left.h + steps * w2)
+
+
+# ------------------------------------------------------------------------------------- forward tile bodies
+
+
+def _kappa(plan: _Plan, tile: _Tile, left: _Left, fut: _Sum):
+    """A tile's reference exponent: its largest key and the references of the sums entering it."""
+    kappa = jnp.maximum(jnp.maximum(_seq_max(plan, tile.k2), left.p.ref), jnp.maximum(fut.ref, _KAPPA_FLOOR))
+    if left.b is not None:
+        kappa = jnp.maximum(kappa, jnp.maximum(jnp.maximum(left.b.ref, left.s.ref), left.h))
+    return kappa
+
+
+def _fwd_tile(plan: _Plan, c: _Consts, tile: _Tile, kappa, left: _Left, fut: _Sum, jj, finish, finish_init,
+              out_rows, *, want_left: bool, want_first: bool):
+    """The forward sums of one tile from the sums entering it (``left`` at row 0, ``fut`` = F at row L - 1).
+
+    Rows carry (num, den) when tile.v is given, else (den,). Each row's x = (num, den + eps) or (den + eps,),
+    relative to 2^kappa, goes to ``finish(i, x, e_i, (e_i v_i, e_i), carry) -> (stored, carry)`` as soon as it
+    is known, so that no row of sums stays live; ``out_rows`` (None, or from _seq_new / _out_rows) keeps what
+    it returns. Returns (out_rows, final carry, the left state at row L or None, F at row -1 or None).
+    """
+    nv = 1 if tile.v is None else 2
+    L = plan.rows
+    w2, r, g = c.w2, c.r, c.g
+    split = left.b is not None
+    e = _map(plan, lambda k: _exp2(k - kappa), tile.k2)
+    ew = _map(plan, lambda x, v: (x * v, x), e, tile.v) if nv == 2 else _map(plan, lambda x: (x,), e)
+    zeros = jnp.zeros_like(w2)
+    empty = jnp.full_like(w2, _EMPTY)
+    internal = plan.official and not plan.split and plan.rows > plan.unit  # chunk starts after row 0
+
+    # Reverse sweep: phi_i = F_i / r per row; zf = max_{m>i} k2_m - w2 m (F's largest term at chunk starts and
+    # F's reference at row -1); zp = max_m k2_m + w2 m (P's reference at row L).
+    def back(i, carry):
+        phi, zf, zp, rows = carry
+        rows = _set(plan, rows, i, (phi, zf) if plan.official else (phi,))
+        k = _get(plan, tile.k2, i)
+        phi = tuple(r * x + y for x, y in zip(phi, _get(plan, ew, i)))
+        if plan.official or want_first:
+            zf = jnp.maximum(zf, k - w2 * i)
+        if want_left:
+            zp = jnp.maximum(zp, k + w2 * i)
+        return phi, zf, zp, rows
+
+    phi0 = tuple(x * g for x in _with_ref(fut, kappa))
+    like = ((zeros,) * nv, zeros) if plan.official else ((zeros,) * nv,)
+    phi_first, zf_all, zp_all, back_rows = _sweep(plan, back, (phi0, empty, empty, _seq_new(plan, like)),
+                                                  reverse=True)
+    mp0 = _exp2(jnp.minimum(left.p.ref - kappa, _RESCALE_CAP))  # P's largest term at row 0, relative to kappa
+    pi0 = tuple(x * mp0 * g for x in left.p.vals)  # pi = P / r
+    if split:
+        b0 = _with_ref(left.b, kappa)
+        sg0 = tuple(x * r for x in _with_ref(left.s, kappa))  # sigma = S / g
+        G0 = _exp2(jnp.minimum(left.b.ref - kappa, _RESCALE_CAP))
+        H0 = _exp2(jnp.minimum(left.h - kappa, _RESCALE_CAP))
+    else:
+        b0, sg0, G0, H0 = (zeros,) * nv, (zeros,) * nv, zeros, zeros
+
+    def fwd(i, carry):
+        pi, bb, sg, G, H, mp, fc, rows = carry
+        ei, ewi = _get(plan, e, i), _get(plan, ew, i)
+        if plan.official:
+            phi, zf = _get(plan, back_rows, i)
+            start = _start(plan, jj, i)
+            keep = _not(start)
+            if start is not False:
+                mf = _exp2(jnp.minimum(jnp.maximum(zf + w2 * i, fut.ref - w2 * (L - 1 - i)) - kappa, _RESCALE_CAP))
+                bb = _select(start, tuple(r * x for x in pi), bb)
+                sg = _select(start, (zeros,) * nv, sg)
+                G = _select(start, mp, G)
+                H = _select(start, jnp.maximum(ei, mf), g * jnp.maximum(H, ei))
+            else:
+                H = g * jnp.maximum(H, ei)
+            c2 = _select(keep, c.eu - c.em1, c.eu)
+            x = tuple(b + r * f - c.c1g * s_ + c2 * y for b, f, s_, y in zip(bb, phi, sg, ewi))
+            eps = EPS * jnp.maximum(jnp.maximum(G, H), c.eu * ei)
+            x = x[:-1] + (x[-1] + eps,)
+        else:
+            (phi,) = _get(plan, back_rows, i)
+            x = tuple(p + f + c.eu * y for p, f, y in zip(pi, phi, ewi))
+        stored, fc = finish(i, x, ei, ewi, fc)
+        if out_rows is not None:
+            rows = _set(plan, rows, i, stored)
+        pi = tuple(r * p + y for p, y in zip(pi, ewi))
+        if plan.official:
+            bb = tuple(r * b + y for b, y in zip(bb, ewi))
+            # S excludes the chunk's first token: sigma stays 0 past a start row.
+            sg = _select(start, (zeros,) * nv, tuple(g * s_ + y for s_, y in zip(sg, ewi)))
+            G = jnp.maximum(r * G, ei)
+            if internal:  # P's largest term, for the next chunk start in the tile
+                mp = r * jnp.maximum(mp, ei)
+        return pi, bb, sg, G, H, mp, fc, rows
+
+    pi, bb, sg, G, H, _, fc, rows = _sweep(plan, fwd, (pi0, b0, sg0, G0, H0, mp0, finish_init, out_rows))
+    left_out = None
+    if want_left:
+        pref = jnp.maximum(left.p.ref, zp_all) - w2 * L
+        p_out = _Sum(pref, _rescale(tuple(r * x for x in pi), kappa - pref))
+        if split:
+            bref = kappa + _log2(G)
+            sref = kappa + _log2(g * sg[-1])
+            left_out = _Left(p_out, _Sum(bref, _rescale(bb, kappa - bref)),
+                             _Sum(sref, _rescale(tuple(g * x for x in sg), kappa - sref)), kappa + _log2(H))
+        else:
+            left_out = _Left(p_out)
+    first = None
+    if want_first:
+        fref = jnp.maximum(zf_all - w2, fut.ref - w2 * L)
+        first = _Sum(fref, _rescale(tuple(r * x for x in phi_first), kappa - fref))
+    return rows, fc, left_out, first
+
+
+def _fwd_local(plan: _Plan, c: _Consts, tile: _Tile):
+    """Sums of one tile alone: (P at row L, F at row -1), each with its exact largest term as reference."""
+    kappa = jnp.maximum(_seq_max(plan, tile.k2), _KAPPA_FLOOR)
+    ew = _map(plan, lambda k, v: (_exp2(k - kappa) * v, _exp2(k - kappa)), tile.k2, tile.v)
+    zeros = jnp.zeros_like(c.w2)
+    empty = jnp.full_like(c.w2, _EMPTY)
+
+    def step(sign):
+        def body(i, carry):
+            x, z = carry
+            z = jnp.maximum(z, _get(plan, tile.k2, i) + sign * c.w2 * i)
+            return tuple(c.r * a + b for a, b in zip(x, _get(plan, ew, i))), z
+        return body
+
+    p, zp = _sweep(plan, step(+1.0), ((zeros, zeros), empty))
+    f, zf = _sweep(plan, step(-1.0), ((zeros, zeros), empty), reverse=True)
+    p_ref = zp - c.w2 * plan.rows  # max_i k_i - w (L - i)
+    f_ref = zf - c.w2  # max_i k_i - w (i + 1)
+    return (_Sum(p_ref, _rescale(tuple(c.r * x for x in p), kappa - p_ref)),
+            _Sum(f_ref, _rescale(tuple(c.r * x for x in f), kappa - f_ref)))
+
+
+# ------------------------------------------------------------------------------------ backward tile bodies
+# Transposed sums carry (a, b, da, db): the sums of alpha and beta and their tangents d/dw. A sum X' = X / r
+# (or X / g) obeys X'_next = fac X' + c: one multiply-add per token.
+
+
+def _alpha_beta(x, gi, yi, ok, cs):
+    """(alpha, beta) of one row relative to the transposed reference: alpha = g / D, beta = -alpha y."""
+    inv = 1.0 / jnp.where(ok, x[-1], 1.0)
+    a = gi * cs * inv
+    return a, -a * (x[0] * inv if yi is None else yi)
+
+
+def _prime_from(a: _Sum, ref, g):
+    """Transposed sum X and tangent dX relative to 2^ref, as (g X, g (X + dX)) = (X / r, its tangent)."""
+    x1, x2, d1, d2 = _with_ref(a, ref)
+    return (g * x1, g * x2, g * (x1 + d1), g * (x2 + d2))
+
+
+def _advance(x, ca, cb, fac, rate: int):
+    """One token of X' = fac X' + c with its tangent (d fac / dw = rate fac)."""
+    a, b, da, db = x
+    return (fac * a + ca, fac * b + cb, fac * (da + rate * a), fac * (db + rate * b))
+
+
+def _unprime(x, r):
+    """(X, dX) from X' = X / r and its tangent: X = r X', dX = r (dX' - X')."""
+    a, b, da, db = x
+    return (r * a, r * b, r * (da - a), r * (db - b))
+
+
+def _bwd_local(plan: _Plan, c: _Consts, tile: _Tile, gs, ys, left: _Left, fut: _Sum, fprime: _Sum, jj):
+    """Backward summary of one tile: the left state at row L, F' at row L and the tile's own P' at row -1."""
+    kappa = _kappa(plan, tile, left, fut)
+    lam = jnp.maximum(-kappa, fprime.ref)
+    cs = _exp2(-kappa - lam)
+    zeros = jnp.zeros_like(c.w2)
+
+    def finish(i, x, ei, ewi, carry):
+        fp, ploc, rho = carry
+        a, b = _alpha_beta(x, _get(plan, gs, i), _get(plan, ys, i), _get(plan, tile.valid, i), cs)
+        k = i + 1.0  # the tile's P' at row -1: sum_i r^{i+1} c_i and its tangent
+        ploc = (ploc[0] + rho * a, ploc[1] + rho * b, ploc[2] - k * rho * a, ploc[3] - k * rho * b)
+        return None, (_advance(fp, a, b, c.r, -1), ploc, rho * c.r)
+
+    init = (_prime_from(fprime, lam, c.g), (zeros,) * 4, c.r)
+    _, (fp, ploc, _), left_out, _ = _fwd_tile(plan, c, tile, kappa, left, fut, jj, finish, init, None,
+                                              want_left=True, want_first=False)
+    return left_out, _Sum(lam, _unprime(fp, c.r)), _Sum(lam, ploc)
+
+
+def _bwd_tile(plan: _Plan, c: _Consts, tile: _Tile, gs, left: _Left, fut: _Sum, fprime: _Sum, right, jj,
+              reload, outs):
+    """Backward output of one tile. ``right`` = (P', B', S') at row L - 1 (B', S' None unless split).
+
+    ``reload(kappa)``, compiled, returns a function of the row giving (e, e v) again from a second read of k
+    and v, so that they need not stay live across the sweeps. Rows of (dk, dv) go to ``outs``. Returns
+    (outs, F at row -1, (P', B', S') at row -1, dw, du).
+    """
+    pright, bright, sright = right
+    kappa = _kappa(plan, tile, left, fut)
+    lam = jnp.maximum(jnp.maximum(-kappa, fprime.ref), pright.ref)
+    if bright is not None:
+        lam = jnp.maximum(lam, jnp.maximum(bright.ref, sright.ref))
+    cs = _exp2(-kappa - lam)
+    sc = _exp2(jnp.minimum(kappa + lam, _RESCALE_CAP))  # e^{k} relative to the transposed reference
+    r, g = c.r, c.g
+    zeros = jnp.zeros_like(c.w2)
+
+    # Forward sweep (with the forward recompute): alpha, beta; F' (earlier rows) per row; its dw share; du.
+    def finish(i, x, ei, ewi, carry):
+        fp, dw, du = carry
+        a, b = _alpha_beta(x, _get(plan, gs, i), None, _get(plan, tile.valid, i), cs)
+        xa, xb, dxa, dxb = _unprime(fp, r) if plan.official else fp
+        dw = dw + ewi[0] * dxa + ei * dxb
+        du = du + ewi[0] * a + ei * b
+        return (a, b, xa, xb), (_advance(fp, a, b, r, -1), dw, du)
+
+    init = (_prime_from(fprime, lam, g), zeros, zeros)
+    rows, (_, dw, du), _, first = _fwd_tile(plan, c, tile, kappa, left, fut, jj, finish, init,
+                                            _seq_new(plan, (zeros,) * 4), want_left=False, want_first=True)
+    if reload is not None:
+        erow = reload(kappa)
+    else:
+        e = _map(plan, lambda k: _exp2(k - kappa), tile.k2)
+        ev = _map(plan, lambda x, v: x * v, e, tile.v)
+        erow = lambda i: (_get(plan, e, i), _get(plan, ev, i))  # noqa: E731
+
+    # Reverse sweep: P' and, official, B' and S' (later rows); outputs.
+    def back(i, carry):
+        pp, bp, sp, dw, outs = carry
+        a, b, xa, xb = _get(plan, rows, i)
+        if plan.official:
+            end = _end(plan, jj, i)
+            if end is not False:
+                bp = _select(end, _unprime(pp, r), bp)
+                sp = _select(end, (zeros,) * 4, sp)
+            keep = _not(_start(plan, jj, i))
+            # (lax.select on arrays: jnp.where(keep, 1.0, 0.0) is a call with literal operands, which the
+            # Triton lowering mis-binds inside a loop)
+            kf = (1.0 if keep else 0.0) if isinstance(keep, bool) else lax.select(
+                jnp.broadcast_to(keep, zeros.shape), jnp.ones_like(zeros), zeros)
+            c2 = c.eu - kf * c.em1
+            xa = xa + bp[0] - (kf * c.c1g) * sp[0] + c2 * a
+            xb = xb + bp[1] - (kf * c.c1g) * sp[1] + c2 * b
+            dxa = bp[2] - kf * (c.c1g * sp[2] + c.c1gd * sp[0] + g * a)
+            dxb = bp[3] - kf * (c.c1g * sp[3] + c.c1gd * sp[1] + g * b)
+        else:
+            xa, xb = xa + pp[0] + c.eu * a, xb + pp[1] + c.eu * b
+            dxa, dxb = pp[2], pp[3]
+        ei, evi = erow(i)
+        outs = _set(plan, outs, i, (sc * (evi * xa + ei * xb), sc * (ei * xa)))
+        dw = dw + evi * dxa + ei * dxb
+        pp = _advance(pp, a, b, r, -1)
+        if plan.official:
+            bp = _advance(bp, a, b, r, -1)
+            sp = _advance(sp, a, b, g, +1)
+        return pp, bp, sp, dw, outs
+
+    pp0 = _prime_from(pright, lam, g)
+    if bright is not None:
+        bp0, sp0 = _with_ref(bright, lam), _with_ref(sright, lam)
+        sp0 = (r * sp0[0], r * sp0[1], r * (sp0[2] - sp0[0]), r * (sp0[3] - sp0[1]))  # S' / g and its tangent
+    else:
+        bp0 = sp0 = (zeros,) * 4
+    pp, bp, sp, dw, outs = _sweep(plan, back, (pp0, bp0, sp0, dw, outs), reverse=True)
+    right_out = [_Sum(lam, _unprime(pp, r)), None, None]
+    if bright is not None:
+        right_out[1] = _Sum(lam, bp)
+        right_out[2] = _Sum(lam, (g * sp[0], g * sp[1], g * (sp[2] + sp[0]), g * (sp[3] + sp[1])))
+    return outs, first, tuple(right_out), sc * dw, c.eu * sc * du
+
+
+# ------------------------------------------------------------------------------------------ kernel plumbing
+
+
+def _channel_mask(plan: _Plan, cblock) -> jax.Array:
     return cblock * plan.block_c + lax.broadcasted_iota(jnp.int32, (plan.block_c,), 0) < plan.channels
 
 
-def _grid_ids(plan: _Plan, reverse: bool) -> tuple[jax.Array, jax.Array]:
-    """(channel block, tile) of this program; ``reverse`` flips the launch order (see the index maps)."""
-    cblock, tile = pl.program_id(1), pl.program_id(2)
-    if reverse:
-        return plan.num_cblocks - 1 - cblock, plan.num_tiles - 1 - tile
-    return cblock, tile
+def _rows_split(x, n: int, width: int) -> list:
+    parts = jnp.split(x, x.shape[0], axis=0) if x.shape[0] > 1 else [x]
+    return [p.reshape(width) for p in parts[:n]]
 
 
-def _unpack_all(plan: _Plan, fields: Sequence[jax.Array]) -> list[_Acc]:
-    nf = plan.fields
-    return [_unpack(fields[i * nf:(i + 1) * nf], plan.backward) for i in range(len(fields) // nf)]
+def _rows_join(rows: list, padded: int):
+    """(padded, width) from rows (stacked in pairs along a new last axis, then transposed back)."""
+    xs = list(rows) + [jnp.zeros_like(rows[0])] * (padded - len(rows))
+    while len(xs) > 1:
+        xs = [jnp.stack([a, b], axis=-1) for a, b in zip(xs[::2], xs[1::2])]
+    x = xs[0]
+    nb = x.ndim - 1
+    return jnp.transpose(x, tuple(range(nb, 0, -1)) + (0,)).reshape(padded, -1)
 
 
-def _pack_all(plan: _Plan, pieces: Sequence[_Acc], rates: Sequence[int], w: jax.Array) -> list[jax.Array]:
-    fields: list[jax.Array] = []
-    for piece, rate in zip(pieces, rates):
-        fields += _pack(piece, w, rate, plan.backward)
-    return fields
+def _block_index(plan: _Plan, start, count: int, width: int):
+    """Index arrays of rows start .. start + count - 1 (padded to a power of two) x ``width`` lanes.
+
+    Compiled, the lane index is multiplied by a run-time 1 so that Triton sees no contiguity along the lanes:
+    it then gives each thread one lane's column of rows (no vectorised load and no shuffle through shared
+    memory to split it into rows).
+    """
+    padded = pl.next_power_of_2(count)
+    one = jnp.minimum(pl.program_id(0), 0) + 1
+    rows = start + lax.broadcasted_iota(jnp.int32, (padded, width), 0)
+    lanes = lax.broadcasted_iota(jnp.int32, (padded, width), 1) * one
+    return padded, rows, lanes
 
 
-def _load_incoming(plan, inc_ref, j, cmask, zeros):
-    nv = 4 if plan.backward else 2
-    if inc_ref is None:
-        return tuple(_empty(zeros, nv) for _ in plan.seg_rates), _empty(zeros, nv)
-    pieces = _unpack_all(plan, _load_fields(plan, inc_ref, j, cmask))
-    return tuple(pieces[:-1]), pieces[-1]
+def _load_block(plan: _Plan, ref, start, count: int, row_ok, cmask, prefix=(), other=0.0) -> list:
+    """Rows start .. start + count - 1 of ``ref`` (index ``prefix`` first) as a list of (block_c,) rows."""
+    if plan.interpret:
+        padded = pl.next_power_of_2(count)
+        iota = lax.broadcasted_iota(jnp.int32, (padded, plan.block_c), 0)
+        mask = (iota < count) & row_ok(start + iota) & cmask[None, :]
+        x = _load(ref, prefix + (pl.ds(start, padded), slice(None)), mask, other)
+    else:
+        padded, rows, lanes = _block_index(plan, start, count, plan.block_c)
+        iota = rows - start
+        mask = (iota < count) & row_ok(rows) & cmask[None, :]
+        x = _load(ref, prefix + (rows, lanes), mask, other)
+    return _rows_split(x, count, plan.block_c)
 
 
-# ------------------------------------------------------------------------------------------------- kernels
+def _store_block(plan: _Plan, ref, start, rows: list, row_ok, cmask, prefix=()) -> None:
+    count = len(rows)
+    if plan.interpret:
+        padded = pl.next_power_of_2(count)
+        iota = lax.broadcasted_iota(jnp.int32, (padded, plan.block_c), 0)
+        mask = (iota < count) & row_ok(start + iota) & cmask[None, :]
+        _store(ref, prefix + (pl.ds(start, padded), slice(None)), _rows_join(rows, padded), mask)
+        return
+    padded, idx, lanes = _block_index(plan, start, count, plan.block_c)
+    mask = (idx - start < count) & row_ok(idx) & cmask[None, :]
+    _store(ref, prefix + (idx, lanes), _rows_join(rows, padded), mask)
 
 
-def _forward_rows(io: _TileIO, k_ref, v_ref) -> _Rows:
-    e = io.map(lambda k, valid: jnp.where(valid, k, _EMPTY), k_ref)
-    xs = io.map(lambda v, valid: (v, valid.astype(jnp.float32)), v_ref)
-    return _Rows(io.tile0, e, xs)
+def _load_tile_rows(plan: _Plan, ref, t0, end, cmask, other=0.0):
+    """A tile's rows of one token array: rows list (compiled) or a (rows, block_c) block (interpret)."""
+    if plan.looped:
+        iota = lax.broadcasted_iota(jnp.int32, (plan.rows, plan.block_c), 0)
+        return _load(ref, (pl.ds(t0, plan.rows), slice(None)), (t0 + iota < end) & cmask[None, :], other)
+    return _load_block(plan, ref, t0, plan.rows, lambda t: t < end, cmask, other=other)
 
 
-def _backward_rows(io: _TileIO, o_ref, d_ref, g_ref, y_ref) -> _Rows:
-    """Rows of the transposed operator: exponent -o_t, values (g / d, -g y / d) (D_t = e^{o_t} d_t)."""
-    e = io.map(lambda o, valid: jnp.where(valid, -o, _EMPTY), o_ref)
-
-    def values(d, g, y, valid):
-        alpha = jnp.where(valid, g / jnp.where(valid, d, 1.0), 0.0)
-        return alpha, -alpha * y
-
-    return _Rows(io.tile0, e, io.map(values, d_ref, g_ref, y_ref))
+def _store_tile_rows(plan: _Plan, ref, t0, end, cmask, rows) -> None:
+    if plan.looped:
+        iota = lax.broadcasted_iota(jnp.int32, (plan.rows, plan.block_c), 0)
+        _store(ref, (pl.ds(t0, plan.rows), slice(None)), rows, (t0 + iota < end) & cmask[None, :])
+        return
+    _store_block(plan, ref, t0, list(rows), lambda t: t < end, cmask)
 
 
-def _summary_kernel(plan: _Plan, w_ref, *refs):
-    *in_refs, summ_ref = refs
-    cblock, j = _grid_ids(plan, reverse=False)
-    cmask = _channel_mask(plan, cblock)
-    w = _load(w_ref, (slice(None),), cmask)
-    io = _TileIO(plan, j * plan.tile, cmask)
-    rows = _backward_rows(io, *in_refs) if plan.backward else _forward_rows(io, *in_refs)
-    zeros = jnp.zeros_like(w)
-    nv = 4 if plan.backward else 2
-    seg, _ = _seg_sweep(plan, rows, tuple(_empty(zeros, nv) for _ in plan.seg_rates), w)
-    plain, _ = _plain_sweep(plan, rows, _empty(zeros, nv), w)
-    _store_fields(plan, summ_ref, j, _pack_all(plan, (*seg, plain), (*plan.seg_rates, -1), w), cmask)
+class _LazyRows:
+    """Compiled: a tile's rows of one token array, read in blocks of _ROW_BLOCK rows when first indexed."""
+
+    def __init__(self, plan: _Plan, ref, t0, end, cmask, other=0.0, fn=None):
+        self.args, self.other, self.fn, self.blocks = (plan, ref, t0, end, cmask), other, fn, {}
+
+    def __getitem__(self, i: int):
+        plan, ref, t0, end, cmask = self.args
+        blk, off = divmod(i, _ROW_BLOCK)
+        if blk not in self.blocks:
+            lo = blk * _ROW_BLOCK
+            rows = _load_block(plan, ref, t0 + lo, min(_ROW_BLOCK, plan.rows - lo), lambda t: t < end, cmask,
+                               other=self.other)
+            self.blocks[blk] = [self.fn(x) for x in rows] if self.fn else rows
+        return self.blocks[blk][off]
 
 
-def _seg_has_start(plan: _Plan, j: jax.Array) -> jax.Array:
-    """Whether tile j holds a token where the segmented sweep restarts (official only)."""
-    n = jnp.int32(plan.chunk)
-    tau = j * plan.tile
-    r = lax.rem(tau, n)
-    if plan.transposed:  # restarts at the last token of each chunk and at T - 1
-        return (tau + (n - 1 - r) < tau + plan.tile) | (tau + plan.tile >= plan.tokens)
-    return tau + lax.rem(n - r, n) < tau + plan.tile
+class _RowWriter:
+    """Compiled: rows of one or more token arrays written in blocks of _ROW_BLOCK rows once complete."""
+
+    def __init__(self, plan: _Plan, refs, t0, end, cmask):
+        self.args, self.refs, self.pending = (plan, t0, end, cmask), refs, {}
+
+    def put(self, i: int, value) -> None:
+        plan, t0, end, cmask = self.args
+        blk = i // _ROW_BLOCK
+        rows = self.pending.setdefault(blk, {})
+        rows[i] = value
+        lo, hi = blk * _ROW_BLOCK, min((blk + 1) * _ROW_BLOCK, plan.rows)
+        if len(rows) == hi - lo:
+            values = [rows[j] for j in range(lo, hi)]
+            for n, ref in enumerate(self.refs):
+                part = [x[n] for x in values] if len(self.refs) > 1 else values
+                _store_block(plan, ref, t0 + lo, part, lambda t: t < end, cmask)
 
 
-def _seg_transfer(plan, j, carry, local, w):
-    steps = float(plan.tile)
-    if not plan.official:
-        (q,) = carry
-        return (_merge(_aged(q, steps, -1), local[0], w, -1),)
-    g, q, s = carry
-    gl, ql, sl = local
-    empty = _empty(jnp.zeros_like(w), len(q.vals))
-    restart = _seg_has_start(plan, j)
-    q_aged = _aged(q, steps, -1)
-    g_new = _merge(_aged(g, steps, -1), _pick(restart, _aged(q_aged, 1.0, -1), empty), w, -1)
-    g_new = _merge(g_new, gl, w, -1)
-    q_new = _merge(_pick(restart, empty, q_aged), ql, w, -1)
-    s_new = _merge(_pick(restart, empty, _aged(s, steps, +1)), sl, w, +1)
-    return g_new, q_new, s_new
+def _late_rows(plan: _Plan, ref, t0, end, cmask, other=0.0, fn=None):
+    """Rows needed only after the tile's first sweep: an array (interpret) or _LazyRows (compiled)."""
+    if plan.looped:
+        x = _load_tile_rows(plan, ref, t0, end, cmask, other)
+        return fn(x) if fn else x
+    return _LazyRows(plan, ref, t0, end, cmask, other, fn)
 
 
-def _combine_kernel(plan: _Plan, w_ref, summ_ref, inc_ref):
+def _out_rows(plan: _Plan, refs, t0, end, cmask, like):
+    """Where a sweep puts its output rows: an array carried through the loop, or a _RowWriter."""
+    if plan.looped:
+        return _seq_new(plan, like)
+    return _RowWriter(plan, refs, t0, end, cmask)
+
+
+def _flush_rows(plan: _Plan, refs, t0, end, cmask, rows) -> None:
+    if plan.looped:
+        for n, ref in enumerate(refs):
+            _store_tile_rows(plan, ref, t0, end, cmask, rows[n] if len(refs) > 1 else rows)
+
+
+def _valid_rows(plan: _Plan, t0, end, cmask):
+    if plan.looped:
+        iota = lax.broadcasted_iota(jnp.int32, (plan.rows, plan.block_c), 0)
+        return (t0 + iota < end) & cmask[None, :]
+    return [cmask & (t0 + i < end) for i in range(plan.rows)]
+
+
+def _load_tile(plan: _Plan, k_ref, v_ref, tau, cmask):
+    t0, end = plan.tile_start(tau), plan.tile_end(tau)
+    valid = _valid_rows(plan, t0, end, cmask)
+    # Invalid rows read -inf: 2^(k2 - kappa) is then 0 and they never win a max.
+    k2 = _map(plan, lambda k: k * _LOG2E, _load_tile_rows(plan, k_ref, t0, end, cmask, other=-jnp.inf))
+    v = _load_tile_rows(plan, v_ref, t0, end, cmask) if v_ref is not None else None
+    return t0, end, _Tile(k2, v, valid)
+
+
+def _load_fields(plan: _Plan, ref, pos, nfields: int, mask) -> list:
+    """Fields 0 .. nfields - 1 of row ``pos`` of a (rows, fields, block_c) state block (0 where masked)."""
+    if plan.interpret:
+        return [_load(ref, (pos, f, slice(None)), mask) for f in range(nfields)]
+    return _load_block(plan, ref, 0, nfields, lambda f: f < nfields, mask, prefix=(pos,))
+
+
+def _store_fields(plan: _Plan, ref, pos, fields: list, mask) -> None:
+    if plan.interpret:
+        for f, x in enumerate(fields):
+            _store(ref, (pos, f, slice(None)), x, mask)
+        return
+    _store_block(plan, ref, 0, fields, lambda f: f < len(fields), mask, prefix=(pos,))
+
+
+def _sums_from(fields, sizes, mask) -> list:
+    """Split loaded fields into _Sums of (1 + size) fields each (references EMPTY where masked)."""
+    out, i = [], 0
+    for n in sizes:
+        out.append(_Sum(jnp.where(mask, fields[i], _EMPTY), tuple(fields[i + 1:i + 1 + n])))
+        i += 1 + n
+    return out
+
+
+def _fields_of(*sums) -> list:
+    return [x for a in sums for x in (a.ref,) + tuple(a.vals)]
+
+
+def _left_fields(left: _Left) -> list:
+    if left.b is None:
+        return _fields_of(left.p)
+    return _fields_of(left.p, left.b, left.s) + [left.h]
+
+
+def _left_from(plan: _Plan, fields, mask, nv: int) -> _Left:
+    if not (plan.official and plan.split):
+        return _Left(*_sums_from(fields, (nv,), mask))
+    p, b, s = _sums_from(fields, (nv, nv, nv), mask)
+    return _Left(p, b, s, jnp.where(mask, fields[-1], _EMPTY))
+
+
+def _left_size(plan: _Plan, nv: int) -> int:
+    return 1 + nv + ((2 * (1 + nv) + 1) if plan.official and plan.split else 0)
+
+
+def _loop(count: int, body, init):
+    """``body(j, carry)`` for the tiles j of a segment: inline when there is one, else a loop."""
+    if count == 1:
+        return body(0, init)
+    return lax.fori_loop(0, count, body, init)
+
+
+def _scan_segments(plan: _Plan, s, load, left_term, right_term, zeros, nvals):
+    """Merge the totals of the other segments: ``left_term(s2, total)`` for s2 < s, ``right_term`` for s2 > s."""
+    n = plan.num_segments
+    acc = (_empty_sum(zeros, nvals), _empty_sum(zeros, nvals))
+    if n == 1:
+        return acc
+
+    def body(i, acc):
+        lo, hi = acc
+        sl, sr = s - 1 - i, s + 1 + i
+        lo = _merge(lo, left_term(sl, load(sl, 0, sl >= 0)))
+        hi = _merge(hi, right_term(sr, load(sr, 1, sr < n)))
+        return lo, hi
+
+    return lax.fori_loop(0, n - 1, body, acc)
+
+
+# ------------------------------------------------------------------------------------------ forward kernels
+
+
+def _fwd_scan(plan: _Plan, seg_ref, s, cmask, w2, nv: int):
+    """P entering segment s (at its first token) and F entering from the right (at its last token)."""
+    zeros = jnp.zeros_like(w2)
+    nxt = plan.seg_start(s + 1)
+
+    def load(s2, side, ok):
+        mask = cmask & ok
+        fields = _load_fields(plan, seg_ref, jnp.clip(s2, 0, plan.num_segments - 1), 6, mask)
+        p, f = _sums_from(fields, (2, 2), mask)
+        return p if side == 0 else f
+
+    # P_tot(s2) is P at the first token of segment s2 + 1; F_tot(s2) is F at the token before segment s2.
+    def left_term(s2, p):
+        p = _shift(p, plan.seg_start(s) - plan.seg_start(s2 + 1), w2, -1)
+        return p if nv == 2 else _Sum(p.ref, p.vals[1:])
+
+    def right_term(s2, f):
+        f = _shift(f, (plan.seg_start(s2) - 1) - (nxt - 1), w2, -1)
+        return f if nv == 2 else _Sum(f.ref, f.vals[1:])
+
+    return _scan_segments(plan, s, load, left_term, right_term, zeros, nv)
+
+
+def _fwd_summary_kernel(plan: _Plan, w_ref, k_ref, v_ref, seg_ref, *sub_refs):
+    s = pl.program_id(2)
     cmask = _channel_mask(plan, pl.program_id(1))
-    w = _load(w_ref, (slice(None),), cmask)
-    zeros = jnp.zeros_like(w)
-    nv = 4 if plan.backward else 2
-    nf, nseg = plan.fields, len(plan.seg_rates)
-    num_tiles = plan.num_tiles
-    # Compiled: a group of tiles per step so that their summary loads overlap. Interpret: one (small HLO).
-    group = 1 if plan.looped else _COMBINE_GROUP
-    seg_rates, plain_rates = plan.seg_rates, (-1,)
+    c = _consts(w_ref, None, cmask)
+    zeros = jnp.zeros_like(c.w2)
+    q = plan.tiles_per_segment
+    nxt = plan.seg_start(s + 1)
 
-    def seg_transfer(j, carry, local):
-        return _seg_transfer(plan, j, carry, local, w)
+    def body(jj, carry):
+        fcarry, ptot = carry
+        tau = s * q + (q - 1 - jj)  # tiles right to left
+        t0, _, tile = _load_tile(plan, k_ref, v_ref, tau, cmask)
+        p_loc, f_loc = _fwd_local(plan, c, tile)
+        if sub_refs:  # F from the later tiles of the segment, at the token before the next tile
+            _store_fields(plan, sub_refs[0], tau, _fields_of(fcarry), cmask)
+        t1 = plan.tile_start(tau + 1)
+        fcarry = _merge(f_loc, _shift(fcarry, t1 - t0, c.w2, -1))
+        ptot = _merge(ptot, _shift(p_loc, nxt - (t0 + plan.rows), c.w2, -1))
+        return fcarry, ptot
 
-    def plain_transfer(j, carry, local):
-        return (_merge(_aged(carry[0], float(plan.tile), -1), local[0], w, -1),)
-
-    # Both directions in one loop: step ``pos`` visits tile pos forwards and tile NT-1-pos backwards.
-    fwd_rates, fwd_first, fwd_transfer = (plain_rates, nseg, plain_transfer) if plan.transposed else (
-        seg_rates, 0, seg_transfer)
-    bwd_rates, bwd_first, bwd_transfer = (seg_rates, 0, seg_transfer) if plan.transposed else (
-        plain_rates, nseg, plain_transfer)
-
-    def body(gi, carry):
-        fwd, bwd = carry
-        tiles = []
-        for i in range(group):
-            pos = gi * group + i
-            valid = (pos < num_tiles) & cmask
-            jf, jb = pos, num_tiles - 1 - pos
-            local_f = _unpack_all(plan, _load_fields(plan, summ_ref, jf, valid, fwd_first * nf, len(fwd_rates) * nf))
-            local_b = _unpack_all(plan, _load_fields(plan, summ_ref, jb, valid, bwd_first * nf, len(bwd_rates) * nf))
-            tiles.append((valid, jf, jb, local_f, local_b))
-        for valid, jf, jb, local_f, local_b in tiles:
-            _store_fields(plan, inc_ref, jf, _pack_all(plan, fwd, fwd_rates, w), valid, fwd_first * nf)
-            _store_fields(plan, inc_ref, jb, _pack_all(plan, bwd, bwd_rates, w), valid, bwd_first * nf)
-            fwd = fwd_transfer(jf, fwd, local_f)
-            bwd = bwd_transfer(jb, bwd, local_b)
-        return fwd, bwd
-
-    init = (tuple(_empty(zeros, nv) for _ in fwd_rates), tuple(_empty(zeros, nv) for _ in bwd_rates))
-    lax.fori_loop(0, -(-num_tiles // group), body, init)
+    fcarry, ptot = _loop(q, body, (_empty_sum(zeros, 2), _empty_sum(zeros, 2)))
+    _store_fields(plan, seg_ref, s, _fields_of(ptot, fcarry), cmask)
 
 
-def _forward_output_kernel(plan: _Plan, has_incoming: bool, save: bool, w_ref, u_ref, k_ref, v_ref, *refs):
+def _future(plan: _Plan, s, tau, t0, f_in: _Sum, sub_ref, cmask, w2, nv: int) -> _Sum:
+    """F at tile tau's last row (t0 + L - 1): the segment's incoming F plus the segment's later tiles."""
+    last = t0 + plan.rows - 1
+    fut = _shift(f_in, (plan.seg_start(s + 1) - 1) - last, w2, -1)
+    if sub_ref is not None:
+        f = _sums_from(_load_fields(plan, sub_ref, tau, 3, cmask), (2,), cmask)[0]
+        f = f if nv == 2 else _Sum(f.ref, f.vals[1:])
+        fut = _merge(fut, _shift(f, (plan.tile_start(tau + 1) - 1) - last, w2, -1))
+    return fut
+
+
+def _fwd_output_kernel(plan: _Plan, save: bool, w_ref, u_ref, k_ref, v_ref, seg_ref, *refs):
     refs = list(refs)
-    inc_ref = refs.pop(0) if has_incoming else None
-    names = ("y", "o", "d") if save else ("y",)
-    out_refs = dict(zip(names, refs))
-    cblock, j = _grid_ids(plan, reverse=True)
-    cmask = _channel_mask(plan, cblock)
-    w = _load(w_ref, (slice(None),), cmask)
-    u = _load(u_ref, (slice(None),), cmask)
-    io = _TileIO(plan, j * plan.tile, cmask)
-    rows = _forward_rows(io, k_ref, v_ref)
-    seg, plain = _load_incoming(plan, inc_ref, j, cmask, jnp.zeros_like(w))
-    _, partials = _plain_sweep(plan, rows, plain, w, keep=True)
-    eps = EPS if plan.official else 0.0
+    sub_ref = refs.pop(0) if plan.tiles_per_segment > 1 else None
+    y_ref = refs.pop(0)
+    lsub_ref = refs.pop(0) if save and plan.tiles_per_segment > 1 else None
+    s = pl.program_id(2)
+    cmask = _channel_mask(plan, pl.program_id(1))
+    c = _consts(w_ref, u_ref, cmask)
+    zeros = jnp.zeros_like(c.w2)
+    q = plan.tiles_per_segment
+    p_in, f_in = _fwd_scan(plan, seg_ref, s, cmask, c.w2, 2)
+    left0 = _left_empty(plan, zeros, 2)._replace(p=p_in)
 
-    def emit(i, state, row, flags, out):
-        top, (num, den) = _assemble(plan, state, _seq_get(plan, partials, i), row, flags, w, u)
-        den = den + eps
-        out = io.put(out, out_refs, "y", i, num / den)
-        if save:
-            out = io.put(out, out_refs, "o", i, top)
-            out = io.put(out, out_refs, "d", i, den)
-        return out
+    def body(jj, left):
+        tau = s * q + jj
+        t0, end, tile = _load_tile(plan, k_ref, v_ref, tau, cmask)
+        fut = _future(plan, s, tau, t0, f_in, sub_ref, cmask, c.w2, 2)
+        if lsub_ref is not None:  # the backward output's forward sums entering each tile
+            _store_fields(plan, lsub_ref, tau, _left_fields(left), cmask)
+        kappa = _kappa(plan, tile, left, fut)
+        ys = _out_rows(plan, (y_ref,), t0, end, cmask, zeros)
+        ys, _, left, _ = _fwd_tile(plan, c, tile, kappa, left, fut, jj, lambda i, x, ei, ewi, fc: (x[0] / x[1], fc),
+                                   (), ys, want_left=q > 1, want_first=False)
+        _flush_rows(plan, (y_ref,), t0, end, cmask, ys)
+        if left is None:
+            return left0
+        return _left_shift(left, plan.tile_start(tau + 1) - (t0 + plan.rows), c.w2)
 
-    _, out = _seg_sweep(plan, rows, seg, w, emit, io.outputs(names, w))
-    io.flush(out, out_refs)
+    _loop(q, body, left0)
 
 
-def _backward_output_kernel(plan: _Plan, has_incoming: bool, w_ref, u_ref, k_ref, v_ref, o_ref, d_ref, g_ref,
-                            y_ref, *refs):
+# ------------------------------------------------------------------------------------------ backward kernels
+
+
+def _bwd_scan(plan: _Plan, seg_ref, s, cmask, w2):
+    """P' entering segment s from the right (at its last token) and F' from the left (at its first token)."""
+    zeros = jnp.zeros_like(w2)
+
+    def load(s2, side, ok):
+        mask = cmask & ok
+        fields = _load_fields(plan, seg_ref, jnp.clip(s2, 0, plan.num_segments - 1), 10, mask)
+        pp, fp = _sums_from(fields, (4, 4), mask)
+        return fp if side == 0 else pp
+
+    # P'_tot(s2) is at the token before segment s2; F'_tot(s2) at the first token of segment s2 + 1.
+    def left_term(s2, fp):
+        return _shift(fp, plan.seg_start(s) - plan.seg_start(s2 + 1), w2, -1)
+
+    def right_term(s2, pp):
+        return _shift(pp, (plan.seg_start(s2) - 1) - (plan.seg_start(s + 1) - 1), w2, -1)
+
+    fp_in, pp_in = _scan_segments(plan, s, load, left_term, right_term, zeros, 4)
+    return pp_in, fp_in
+
+
+def _bwd_summary_kernel(plan: _Plan, w_ref, u_ref, k_ref, g_ref, y_ref, fseg_ref, *refs):
     refs = list(refs)
-    inc_ref = refs.pop(0) if has_incoming else None
+    fsub_ref = refs.pop(0) if plan.tiles_per_segment > 1 else None
+    seg_ref = refs.pop(0)
+    fpsub_ref = refs.pop(0) if plan.tiles_per_segment > 1 else None
+    s = pl.program_id(2)
+    cmask = _channel_mask(plan, pl.program_id(1))
+    c = _consts(w_ref, u_ref, cmask)
+    zeros = jnp.zeros_like(c.w2)
+    q = plan.tiles_per_segment
+    start = plan.seg_start(s)
+    p_in, f_in = _fwd_scan(plan, fseg_ref, s, cmask, c.w2, 1)
+
+    def body(jj, carry):
+        left, fprime, ptot = carry
+        tau = s * q + jj
+        t0, end, tile = _load_tile(plan, k_ref, None, tau, cmask)
+        gs, ys = _late_rows(plan, g_ref, t0, end, cmask), _late_rows(plan, y_ref, t0, end, cmask)
+        fut = _future(plan, s, tau, t0, f_in, fsub_ref, cmask, c.w2, 1)
+        if fpsub_ref is not None:
+            _store_fields(plan, fpsub_ref, tau, _fields_of(fprime), cmask)
+        left, fprime, ploc = _bwd_local(plan, c, tile, gs, ys, left, fut, fprime, jj)
+        t1 = plan.tile_start(tau + 1)
+        ptot = _merge(ptot, _shift(ploc, (t0 - 1) - (start - 1), c.w2, -1))
+        return (_left_shift(left, t1 - (t0 + plan.rows), c.w2), _shift(fprime, t1 - (t0 + plan.rows), c.w2, -1),
+                ptot)
+
+    left0 = _left_empty(plan, zeros, 1)._replace(p=p_in)
+    _, fprime, ptot = _loop(q, body, (left0, _empty_sum(zeros, 4), _empty_sum(zeros, 4)))
+    _store_fields(plan, seg_ref, s, _fields_of(ptot, fprime), cmask)
+
+
+def _bwd_output_kernel(plan: _Plan, w_ref, u_ref, k_ref, v_ref, g_ref, fseg_ref, bseg_ref, *refs):
+    refs = list(refs)
+    q = plan.tiles_per_segment
+    lsub_ref, fpsub_ref = (refs.pop(0), refs.pop(0)) if q > 1 else (None, None)
     dk_ref, dv_ref, dw_ref, du_ref = refs
-    out_refs = {"dk": dk_ref, "dv": dv_ref}
-    cblock, j = _grid_ids(plan, reverse=True)
-    cmask = _channel_mask(plan, cblock)
-    w = _load(w_ref, (slice(None),), cmask)
-    u = _load(u_ref, (slice(None),), cmask)
-    io = _TileIO(plan, j * plan.tile, cmask)
-    rows = _backward_rows(io, o_ref, d_ref, g_ref, y_ref)
-    seg, plain = _load_incoming(plan, inc_ref, j, cmask, jnp.zeros_like(w))
-    _, partials = _plain_sweep(plan, rows, plain, w, keep=True)
+    s = pl.program_id(2)
+    cmask = _channel_mask(plan, pl.program_id(1))
+    c = _consts(w_ref, u_ref, cmask)
+    zeros = jnp.zeros_like(c.w2)
+    p_in, f_in = _fwd_scan(plan, fseg_ref, s, cmask, c.w2, 2)
+    pp_in, fp_in = _bwd_scan(plan, bseg_ref, s, cmask, c.w2)
+    start, nxt = plan.seg_start(s), plan.seg_start(s + 1)
+    split = plan.official and plan.split
+    last_tau = s * q + q - 1
+    last_row = plan.tile_start(last_tau) + plan.rows - 1
 
-    def emit(i, state, row, flags, carry):
-        out, dw, du = carry
-        top, (x1, x2, d1, d2) = _assemble(plan, state, _seq_get(plan, partials, i), row, flags, w, u)
-        valid = io.valid(i)
-        k, v = io.get(k_ref, i), io.get(v_ref, i)
-        # k_m + top <= 0 up to rounding (o_t bounds every exponent); the clamp only guards masked lanes.
-        scale = jnp.where(valid, jnp.exp(jnp.minimum(k + top, 80.0)), 0.0)
-        out = io.put(out, out_refs, "dv", i, scale * x1)
-        out = io.put(out, out_refs, "dk", i, scale * (v * x1 + x2))
-        dw = dw + scale * (v * d1 + d2)
-        # d/du: only the token's own term e^{u + k_t}; alpha_t = e^{-o_t} x1 (row.e = -o_t).
-        self_scale = jnp.where(valid, jnp.exp(jnp.minimum(u + k + row.e, 80.0)), 0.0)
-        du = du + self_scale * (v * row.xs[0] + row.xs[1])
-        return out, dw, du
+    def body(jj_rev, carry):
+        fut, right, dw, du = carry
+        jj = q - 1 - jj_rev  # tiles right to left
+        tau = s * q + jj
+        t0, end, tile = _load_tile(plan, k_ref, v_ref, tau, cmask)
+        gs = _late_rows(plan, g_ref, t0, end, cmask)
+        fprime = _shift(fp_in, t0 - start, c.w2, -1)
+        if lsub_ref is not None:
+            left = _left_from(plan, _load_fields(plan, lsub_ref, tau, _left_size(plan, 2), cmask), cmask, 2)
+            fprime = _merge(fprime, _sums_from(_load_fields(plan, fpsub_ref, tau, 5, cmask), (4,), cmask)[0])
+        else:
+            left = _left_empty(plan, zeros, 2)._replace(p=p_in)
 
-    zeros = jnp.zeros_like(w)
-    _, (out, dw, du) = _seg_sweep(plan, rows, seg, w, emit, (io.outputs(("dk", "dv"), w), zeros, zeros))
-    io.flush(out, out_refs)
-    _store(dw_ref, (j, slice(None)), dw, cmask)
-    _store(du_ref, (j, slice(None)), du, cmask)
+        reload = None
+        if not plan.looped:
+            def reload(kappa):  # e and e v again, from k and v reread as the reverse sweep reaches them
+                es = _late_rows(plan, k_ref, t0, end, cmask, -jnp.inf, lambda k: _exp2(k * _LOG2E - kappa))
+                vs = _late_rows(plan, v_ref, t0, end, cmask)
+                return lambda i: (es[i], es[i] * vs[i])
+
+        outs = _out_rows(plan, (dk_ref, dv_ref), t0, end, cmask, (zeros, zeros))
+        outs, first, right, dw_t, du_t = _bwd_tile(plan, c, tile, gs, left, fut, fprime, right, jj, reload, outs)
+        _flush_rows(plan, (dk_ref, dv_ref), t0, end, cmask, outs)
+        # Carry F and the transposed sums to the previous tile's last row.
+        prev_last = plan.tile_start(tau - 1) + plan.rows - 1
+        fut = _shift(first, (t0 - 1) - prev_last, c.w2, -1)
+        pr, br, sr = right
+        pr = _shift(pr, (t0 - 1) - prev_last, c.w2, -1)
+        if split:  # B' decays towards earlier tokens like P'; S' grows
+            br = _shift(br, (t0 - 1) - prev_last, c.w2, -1)
+            sr = _shift(sr, (t0 - 1) - prev_last, c.w2, +1)
+        return fut, (pr, br, sr), dw + dw_t, du + du_t
+
+    fut0 = _shift(f_in, (nxt - 1) - last_row, c.w2, -1)
+    pr0 = _shift(pp_in, (nxt - 1) - last_row, c.w2, -1)
+    empty4 = _empty_sum(zeros, 4)
+    right0 = (pr0, empty4, empty4) if split else (pr0, None, None)
+    _, _, dw, du = _loop(q, body, (fut0, right0, zeros, zeros))
+    _store(dw_ref, (s, slice(None)), dw, cmask)
+    _store(du_ref, (s, slice(None)), du, cmask)
 
 
 # --------------------------------------------------------------------------------------------- pallas_calls
@@ -707,92 +1192,95 @@ def _compiler_params(plan: _Plan):
     return pltriton.CompilerParams(num_warps=plan.num_warps, num_stages=1)
 
 
-def _specs(plan: _Plan, reverse: bool):
-    """BlockSpec factories for the (batch, channel block, tile) grid; ``reverse`` flips the launch order."""
-    nb, nc = plan.batch, plan.num_cblocks
-
-    def b_(b):
-        return nb - 1 - b if reverse else b
-
-    def c_(c):
-        return nc - 1 - c if reverse else c
-
-    bc = plan.block_c
-    channel = pl.BlockSpec((bc,), lambda b, c, j: (c_(c),))
-    tokens = pl.BlockSpec((None, plan.tokens, bc), lambda b, c, j: (b_(b), 0, c_(c)))
-    per_tile = pl.BlockSpec((None, plan.num_tiles, bc), lambda b, c, j: (b_(b), 0, c_(c)))
-    summary = pl.BlockSpec((None, plan.num_tiles, plan.num_fields, bc), lambda b, c, j: (b_(b), 0, 0, c_(c)))
-    return channel, tokens, per_tile, summary
+def _call(plan: _Plan, kernel, in_specs, out_specs, out_shape, *args):
+    grid = (plan.batch, plan.num_cblocks, plan.num_segments)
+    base = kernel.func if isinstance(kernel, functools.partial) else kernel
+    name = "bi_wkv_" + base.__name__.strip("_")
+    kernel = functools.partial(kernel.func, plan, *kernel.args, **kernel.keywords) if isinstance(
+        kernel, functools.partial) else functools.partial(kernel, plan)
+    return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
+                          out_shape=out_shape, interpret=plan.interpret, compiler_params=_compiler_params(plan),
+                          name=name)(*args)
 
 
-def _call(plan: _Plan, kernel, grid, in_specs, out_specs, out_shape, *args):
-    return pl.pallas_call(
-        kernel,
-        grid=grid,
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
-        interpret=plan.interpret,
-        compiler_params=_compiler_params(plan),
-        name="bi_wkv_" + kernel.func.__name__.strip("_"),
-    )(*args)
+class _Specs:
+    """BlockSpecs of the (batch, channel block, segment) grid."""
+
+    def __init__(self, plan: _Plan):
+        bc = plan.block_c
+        self.channel = pl.BlockSpec((bc,), lambda b, c, s: (c,))
+        self.tokens = pl.BlockSpec((None, plan.tokens, bc), lambda b, c, s: (b, 0, c))
+        self.per_segment = pl.BlockSpec((None, plan.num_segments, bc), lambda b, c, s: (b, 0, c))
+
+        def states(rows, fields):
+            return pl.BlockSpec((None, rows, fields, bc), lambda b, c, s: (b, 0, 0, c))
+
+        self.states = states
 
 
-def _incoming(plan: _Plan, w: jax.Array, inputs: Sequence[jax.Array]) -> jax.Array | None:
-    """Passes 1 and 2: every tile's incoming states (None when there is a single tile)."""
-    if plan.num_tiles == 1:
-        return None
-    grid = (plan.batch, plan.num_cblocks, plan.num_tiles)
-    channel, tokens, _, summary = _specs(plan, reverse=False)
-    shape = jax.ShapeDtypeStruct((plan.batch, plan.num_tiles, plan.num_fields, plan.channels), jnp.float32)
-    summ = _call(plan, functools.partial(_summary_kernel, plan), grid,
-                 [channel] + [tokens] * len(inputs), summary, shape, w, *inputs)
-    channel2 = pl.BlockSpec((plan.block_c,), lambda b, c: (c,))
-    summary2 = pl.BlockSpec((None, plan.num_tiles, plan.num_fields, plan.block_c), lambda b, c: (b, 0, 0, c))
-    return _call(plan, functools.partial(_combine_kernel, plan), (plan.batch, plan.num_cblocks),
-                 [channel2, summary2], summary2, shape, w, summ)
+def _f32(*shape):
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
 def _forward(plan: _Plan, w, u, k, v, save: bool):
-    inc = _incoming(plan, w, (k, v))
-    grid = (plan.batch, plan.num_cblocks, plan.num_tiles)
-    channel, tokens, _, summary = _specs(plan, reverse=True)
-    in_specs = [channel, channel, tokens, tokens] + ([summary] if inc is not None else [])
-    args = (w, u, k, v) + ((inc,) if inc is not None else ())
-    shapes = [jax.ShapeDtypeStruct(k.shape, k.dtype)]
-    if save:
-        shapes += [jax.ShapeDtypeStruct(k.shape, jnp.float32)] * 2
-    kernel = functools.partial(_forward_output_kernel, plan, inc is not None, save)
-    return _call(plan, kernel, grid, in_specs, [tokens] * len(shapes), shapes, *args)
+    """y and, when ``save``, the residuals of the backward: the summary's per-segment and per-tile sums and the
+    forward sums entering each tile."""
+    sp = _Specs(plan)
+    ns, nt, c, b = plan.num_segments, plan.tile_slots, plan.channels, plan.batch
+    many = plan.tiles_per_segment > 1
+    outs, shapes = [sp.states(ns, 6)], [_f32(b, ns, 6, c)]
+    if many:
+        outs.append(sp.states(nt, 3))
+        shapes.append(_f32(b, nt, 3, c))
+    summ = _call(plan, _fwd_summary_kernel, [sp.channel, sp.tokens, sp.tokens], outs, shapes, w, k, v)
+    in_specs = [sp.channel, sp.channel, sp.tokens, sp.tokens] + outs
+    out_specs, out_shapes = [sp.tokens], [jax.ShapeDtypeStruct(k.shape, k.dtype)]
+    if save and many:
+        nl = _left_size(plan, 2)
+        out_specs.append(sp.states(nt, nl))
+        out_shapes.append(_f32(b, nt, nl, c))
+    outs = _call(plan, functools.partial(_fwd_output_kernel, save), in_specs, out_specs, out_shapes,
+                 w, u, k, v, *summ)
+    return outs[0], tuple(summ) + tuple(outs[1:])
 
 
-def _backward(plan: _Plan, w, u, k, v, y, o, d, g):
-    inc = _incoming(plan, w, (o, d, g, y))
-    grid = (plan.batch, plan.num_cblocks, plan.num_tiles)
-    channel, tokens, per_tile, summary = _specs(plan, reverse=True)
-    in_specs = [channel, channel] + [tokens] * 6 + ([summary] if inc is not None else [])
-    args = (w, u, k, v, o, d, g, y) + ((inc,) if inc is not None else ())
-    partial_shape = jax.ShapeDtypeStruct((plan.batch, plan.num_tiles, plan.channels), jnp.float32)
-    shapes = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype), partial_shape,
-              partial_shape]
-    kernel = functools.partial(_backward_output_kernel, plan, inc is not None)
-    dk, dv, dw, du = _call(plan, kernel, grid, in_specs, [tokens, tokens, per_tile, per_tile], shapes, *args)
+def _backward(plan: _Plan, w, u, k, v, y, fwd_sums, g):
+    sp = _Specs(plan)
+    ns, nt, c, b = plan.num_segments, plan.tile_slots, plan.channels, plan.batch
+    many = plan.tiles_per_segment > 1
+    fseg, fsub, lsub = (fwd_sums + (None, None))[:3]
+    fwd_specs = [sp.states(ns, 6)] + ([sp.states(nt, 3)] if many else [])
+    outs, shapes = [sp.states(ns, 10)], [_f32(b, ns, 10, c)]
+    if many:
+        outs.append(sp.states(nt, 5))
+        shapes.append(_f32(b, nt, 5, c))
+    summ = _call(plan, _bwd_summary_kernel, [sp.channel, sp.channel, sp.tokens, sp.tokens, sp.tokens] + fwd_specs,
+                 outs, shapes, w, u, k, g, y, *([fseg, fsub] if many else [fseg]))
+    in_specs = [sp.channel, sp.channel, sp.tokens, sp.tokens, sp.tokens, fwd_specs[0], outs[0]]
+    args = [w, u, k, v, g, fseg, summ[0]]
+    if many:
+        in_specs += [sp.states(nt, _left_size(plan, 2)), outs[1]]
+        args += [lsub, summ[1]]
+    out_specs = [sp.tokens, sp.tokens, sp.per_segment, sp.per_segment]
+    shapes = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
+              _f32(b, ns, c), _f32(b, ns, c)]
+    dk, dv, dw, du = _call(plan, _bwd_output_kernel, in_specs, out_specs, shapes, *args)
     return dw.sum(axis=(0, 1)), du.sum(axis=(0, 1)), dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _bi_wkv(fplan: _Plan, bplan: _Plan, w, u, k, v):
-    return _forward(fplan, w, u, k, v, save=False)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _bi_wkv(plan: _Plan, w, u, k, v):
+    return _forward(plan, w, u, k, v, save=False)[0]
 
 
-def _bi_wkv_fwd(fplan: _Plan, bplan: _Plan, w, u, k, v):
-    y, o, d = _forward(fplan, w, u, k, v, save=True)
-    return y, (w, u, k, v, y, o, d)
+def _bi_wkv_fwd(plan: _Plan, w, u, k, v):
+    y, sums = _forward(plan, w, u, k, v, save=True)
+    return y, (w, u, k, v, y, sums)
 
 
-def _bi_wkv_bwd(fplan: _Plan, bplan: _Plan, residuals, g):
-    w, u, k, v, y, o, d = residuals
-    dw, du, dk, dv = _backward(bplan, w, u, k, v, y, o, d, g.astype(y.dtype))
+def _bi_wkv_bwd(plan: _Plan, residuals, g):
+    w, u, k, v, y, sums = residuals
+    dw, du, dk, dv = _backward(plan, w, u, k, v, y, sums, g.astype(y.dtype))
     return dw.astype(w.dtype), du.astype(u.dtype), dk, dv
 
 
@@ -811,17 +1299,18 @@ def bi_wkv_pallas(
     variant: str = "official",
     interpret: bool | None = None,
     block_c: int | None = None,
-    chunk_len: int | None = None,
-    _unrolled: bool = False,
+    tile_len: int | None = None,
+    segments: int | None = None,
 ) -> jax.Array:
     """Bidirectional WKV of k, v (B, T, C) with decay w and bonus u (C,); differentiable in all four.
 
     ``variant``: ``"official"`` (the shipped CUDA kernel's chunked semantics, models' default) or ``"paper"``.
     ``interpret``: None = compiled (Triton) on GPU, Pallas interpret mode elsewhere. ``block_c``: channels per
-    program (power of two; default min(32, next power of two of C)). ``chunk_len``: tokens per time tile (any
-    positive int; default 16 forward, 8 backward); neither changes the result beyond float rounding.
-    Accumulates in float32; float32, bfloat16 and float16 inputs; returns k's dtype. ``_unrolled`` (tests):
-    in interpret mode, run the compiled path's unrolled row-at-a-time code instead of the row loop.
+    program (power of two; default min(32, next power of two of C)). ``tile_len``: most tokens per tile (any
+    positive int; default 28 compiled, 8 interpreted); tiles follow the official 32-way chunks. ``segments``:
+    programs per row and channel block (at most 32; default: as few as fill a GPU). None of the last three
+    changes the result beyond float rounding. Accumulates in float32; float32, bfloat16 and float16 inputs;
+    returns k's dtype.
     """
     w, u, k, v = check_inputs(w, u, k, v, variant=variant, caller="bi_wkv_pallas", dtypes=_SUPPORTED_DTYPES)
     batch, tokens, channels = k.shape
@@ -829,14 +1318,14 @@ def bi_wkv_pallas(
         block_c = _default_block_c(channels)
     if not isinstance(block_c, int) or block_c < 1 or block_c & (block_c - 1):
         raise ValueError(f"bi_wkv_pallas: block_c must be a positive power of two (Triton); got {block_c!r}")
-    if chunk_len is not None and (not isinstance(chunk_len, int) or chunk_len < 1):
-        raise ValueError(f"bi_wkv_pallas: chunk_len must be a positive int; got {chunk_len!r}")
+    if tile_len is not None and (not isinstance(tile_len, int) or tile_len < 1):
+        raise ValueError(f"bi_wkv_pallas: tile_len must be a positive int; got {tile_len!r}")
+    if segments is not None and (not isinstance(segments, int) or not 1 <= segments <= NUM_CHUNKS):
+        raise ValueError(f"bi_wkv_pallas: segments must be an int in [1, {NUM_CHUNKS}]; got {segments!r}")
     if interpret is None:
         interpret = default_interpret()
     if batch == 0 or channels == 0:
         return jnp.zeros(k.shape, k.dtype) + 0.0 * (k + v)  # keeps the gradient path (all zeros)
-    common = dict(official=variant == "official", batch=batch, tokens=tokens, channels=channels,
-                  block_c=block_c, num_warps=_num_warps(block_c), interpret=bool(interpret), unrolled=_unrolled)
-    fplan = _Plan(tile=chunk_len or _DEFAULT_TILE_FORWARD, backward=False, **common)
-    bplan = _Plan(tile=chunk_len or _DEFAULT_TILE_BACKWARD, backward=True, **common)
-    return _bi_wkv(fplan, bplan, w, u, k, v)
+    plan = _make_plan(variant == "official", batch, tokens, channels, tile_len=tile_len, block_c=block_c,
+                      segments=segments, interpret=bool(interpret), unrolled=_UNROLL_IN_INTERPRETER)
+    return _bi_wkv(plan, w.astype(jnp.float32), u.astype(jnp.float32), k, v)
