@@ -62,18 +62,18 @@ for sm_90 by the pip triton 3.8 wheel; (24, 784, 576) float32 official, 2 loaded
 compile in CPU seconds; "before" is the report's recorded figures of commit cd26de8)::
 
     kernel (grid 24 x 18 x 2, 1 warp)  regs  spill  SASS  EX2  instr/tok  exp/tok  compile s
-    forward summary                      127      0   655   30       23.5     1.19        3.3
-    forward output                       128      0  1401   35       53.5     1.24        6.1
-    backward summary                     198      0  1670   38       61.1     1.36       17.9
-    backward output                      255     72  3042   66      118.1     2.50       54.7
+    forward summary                      127      0   655   30       23.5     1.19        2.7
+    forward output                       128      0  1401   35       53.5     1.24        4.7
+    backward summary                     198      0  1670   38       61.1     1.36       15.7
+    backward output                      254      0  3093   65      120.4     2.46       62.5
 
     target (issue 11)                  before (cd26de8)   now     met
     exp per token, forward                   14.2          2.42   yes
-    exp per token, backward                  16.4          3.86   yes (<= 4)
-    SASS instr per token, fwd+bwd           930.7        256.6    yes (<= 310)
-    max registers per kernel                  255          255    no  (<= 168: backward output, summary 198)
-    spilled bytes                               0           72    no  (backward output)
-    max Triton compile s per kernel         286.0         54.7    no  (<= 30: backward output)
+    exp per token, backward                  16.4          3.82   yes (<= 4)
+    SASS instr per token, fwd+bwd           930.7        258.9    yes (<= 310)
+    max registers per kernel                  255          254    no  (<= 168: backward output, summary 198)
+    spilled bytes                               0            0    yes
+    max Triton compile s per kernel         286.0         62.5    no  (<= 30: backward output)
     training traffic, f32 arrays             31.0         14.0    yes (<= 14)
 
 Lowering: Triton-backed Pallas on GPU (``CompilerParams`` from ``jax.experimental.pallas.triton``); arrays
@@ -715,7 +715,7 @@ def _bwd_tile(plan: _Plan, c: _Consts, tile: _Tile, gs, left: _Left, fut: _Sum, 
     else:
         e = _map(plan, lambda k: _exp2(k - kappa), tile.k2)
         ev = _map(plan, lambda x, v: x * v, e, tile.v)
-        erow = lambda i: (_get(plan, e, i), _get(plan, ev, i))  # noqa: E731
+        erow = lambda i, dep: (_get(plan, e, i), _get(plan, ev, i))  # noqa: E731
 
     # Reverse sweep: P' and, official, B' and S' (later rows); outputs.
     def back(i, carry):
@@ -739,7 +739,7 @@ def _bwd_tile(plan: _Plan, c: _Consts, tile: _Tile, gs, left: _Left, fut: _Sum, 
         else:
             xa, xb = xa + pp[0] + c.eu * a, xb + pp[1] + c.eu * b
             dxa, dxb = pp[2], pp[3]
-        ei, evi = erow(i)
+        ei, evi = erow(i, pp[0])
         outs = _set(plan, outs, i, (sc * (evi * xa + ei * xb), sc * (ei * xa)))
         dw = dw + evi * dxa + ei * dxb
         pp = _advance(pp, a, b, r, -1)
@@ -784,7 +784,7 @@ def _rows_join(rows: list, padded: int):
     return jnp.transpose(x, tuple(range(nb, 0, -1)) + (0,)).reshape(padded, -1)
 
 
-def _block_index(plan: _Plan, start, count: int, width: int):
+def _block_index(plan: _Plan, start, count: int, width: int, one=None):
     """Index arrays of rows start .. start + count - 1 (padded to a power of two) x ``width`` lanes.
 
     Compiled, the lane index is multiplied by a run-time 1 so that Triton sees no contiguity along the lanes:
@@ -792,13 +792,14 @@ def _block_index(plan: _Plan, start, count: int, width: int):
     memory to split it into rows).
     """
     padded = pl.next_power_of_2(count)
-    one = jnp.minimum(pl.program_id(0), 0) + 1
+    if one is None:
+        one = jnp.minimum(pl.program_id(0), 0) + 1
     rows = start + lax.broadcasted_iota(jnp.int32, (padded, width), 0)
     lanes = lax.broadcasted_iota(jnp.int32, (padded, width), 1) * one
     return padded, rows, lanes
 
 
-def _load_block(plan: _Plan, ref, start, count: int, row_ok, cmask, prefix=(), other=0.0) -> list:
+def _load_block(plan: _Plan, ref, start, count: int, row_ok, cmask, prefix=(), other=0.0, one=None) -> list:
     """Rows start .. start + count - 1 of ``ref`` (index ``prefix`` first) as a list of (block_c,) rows."""
     if plan.interpret:
         padded = pl.next_power_of_2(count)
@@ -806,7 +807,7 @@ def _load_block(plan: _Plan, ref, start, count: int, row_ok, cmask, prefix=(), o
         mask = (iota < count) & row_ok(start + iota) & cmask[None, :]
         x = _load(ref, prefix + (pl.ds(start, padded), slice(None)), mask, other)
     else:
-        padded, rows, lanes = _block_index(plan, start, count, plan.block_c)
+        padded, rows, lanes = _block_index(plan, start, count, plan.block_c, one)
         iota = rows - start
         mask = (iota < count) & row_ok(rows) & cmask[None, :]
         x = _load(ref, prefix + (rows, lanes), mask, other)
@@ -848,14 +849,18 @@ class _LazyRows:
     def __init__(self, plan: _Plan, ref, t0, end, cmask, other=0.0, fn=None, block: int = _ROW_BLOCK):
         self.args, self.other, self.fn, self.blocks = (plan, ref, t0, end, cmask), other, fn, {}
         self.block = block
+        self.dep = None  # compiled: a (block_c,) value that the next block's addresses depend on (see reload)
 
     def __getitem__(self, i: int):
         plan, ref, t0, end, cmask = self.args
         blk, off = divmod(i, self.block)
         if blk not in self.blocks:
             lo = blk * self.block
+            one = None
+            if self.dep is not None:
+                one = (self.dep == self.dep).astype(jnp.int32)[None, :]
             rows = _load_block(plan, ref, t0 + lo, min(self.block, plan.rows - lo), lambda t: t < end, cmask,
-                               other=self.other)
+                               other=self.other, one=one)
             self.blocks[blk] = [self.fn(x) for x in rows] if self.fn else rows
         return self.blocks[blk][off]
 
@@ -1169,7 +1174,14 @@ def _bwd_output_kernel(plan: _Plan, w_ref, u_ref, k_ref, v_ref, g_ref, fseg_ref,
             def reload(kappa):  # e and e v again, from k and v reread as the reverse sweep reaches them
                 es = _late_rows(plan, k_ref, t0, end, cmask, -jnp.inf, lambda k: _exp2(k * _LOG2E - kappa))
                 vs = _late_rows(plan, v_ref, t0, end, cmask)
-                return lambda i: (es[i], es[i] * vs[i])
+                def row(i, dep):
+                    # The reread's lane index is multiplied by (dep == dep), a 1 that depends on the reverse
+                    # sweep's carry: otherwise the compiler reuses the first read's addresses and keeps two
+                    # 64-bit addresses per row live across the tile (72 bytes spilled at (24, 784, 576), none
+                    # now). A NaN carry reads lane 0 instead, in bounds, where the outputs are NaN anyway.
+                    es.dep = vs.dep = dep
+                    return es[i], es[i] * vs[i]
+                return row
 
         outs = _out_rows(plan, (dk_ref, dv_ref), t0, end, cmask, (zeros, zeros))
         outs, first, right, dw_t, du_t = _bwd_tile(plan, c, tile, gs, left, fut, fprime, right, jj, reload, outs)
