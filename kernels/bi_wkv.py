@@ -57,23 +57,23 @@ thread per channel, a tile's rows unrolled (the backward output holds ~4 floats 
 in HBM, float32, per batch element and channel: per segment 6 (forward) and 10 + 2 (backward) floats; per tile
 3 (F), 3 (P; 10 when chunks are split) and 5 (F') floats, i.e. ~0.45 floats per token at T = 784.
 
-Measured (``python benchmarks/kernel_report.py --compare cd26de8``: Triton IR captured while lowering for CUDA
-on a CPU, compiled for sm_90 by the pip triton 3.8 wheel; (24, 784, 576) float32 official, 2 loaded cores;
-per token and channel; compile in CPU seconds)::
+Measured (``python benchmarks/kernel_report.py``: Triton IR captured while lowering for CUDA on a CPU, compiled
+for sm_90 by the pip triton 3.8 wheel; (24, 784, 576) float32 official, 2 loaded cores; per token and channel;
+compile in CPU seconds; "before" is the report's recorded figures of commit cd26de8)::
 
     kernel (grid 24 x 18 x 2, 1 warp)  regs  spill  SASS  EX2  instr/tok  exp/tok  compile s
-    forward summary                      127      0   653   32       23.4     1.27        2.4
-    forward output                       128      0  1395   38       53.4     1.28        5.0
-    backward summary                     236      0  1667   42       61.2     1.45        9.9
-    backward output                      255     48  3020   71      117.4     2.59       59.2
+    forward summary                      127      0   655   30       23.5     1.19        2.7
+    forward output                       128      0  1401   35       53.5     1.24        4.7
+    backward summary                     198      0  1670   38       61.1     1.36       15.7
+    backward output                      254      0  3093   65      120.4     2.46       62.5
 
     target (issue 11)                  before (cd26de8)   now     met
-    exp per token, forward                   14.2          2.6    yes
-    exp per token, backward                  16.4          4.04   no  (1% over)
-    SASS instr per token, fwd+bwd           929.2        255.9    yes (<= 310)
-    max registers per kernel                  255          255    no  (<= 168: backward output, summary 236)
-    spilled bytes                               0           48    no  (backward output)
-    max Triton compile s per kernel         165.2         59.2    no  (<= 30: backward output)
+    exp per token, forward                   14.2          2.42   yes
+    exp per token, backward                  16.4          3.82   yes (<= 4)
+    SASS instr per token, fwd+bwd           930.7        258.9    yes (<= 310)
+    max registers per kernel                  255          254    no  (<= 168: backward output, summary 198)
+    spilled bytes                               0            0    yes
+    max Triton compile s per kernel         286.0         62.5    no  (<= 30: backward output)
     training traffic, f32 arrays             31.0         14.0    yes (<= 14)
 
 Lowering: Triton-backed Pallas on GPU (``CompilerParams`` from ``jax.experimental.pallas.triton``); arrays
@@ -117,6 +117,10 @@ _SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 # Compiled: rows read or written after a tile's first sweep move in blocks of this many rows, each when first
 # needed (reads) or complete (writes), so that a tile's rows are not all live in registers at once.
 _ROW_BLOCK = 16
+# The backward summary reads g and y in smaller blocks: the compiler issues a block's loads together, and at
+# (24, 784, 576) blocks of 8 rows take its registers from 242 to 198 (for about twice the Triton compile time:
+# more memory operations; the backward output gains nothing from smaller blocks).
+_SUMMARY_ROW_BLOCK = 8
 # Test hook: run the compiled path's unrolled, row-at-a-time code in interpret mode too (tests set it; slow to
 # compile in XLA for long tiles).
 _UNROLL_IN_INTERPRETER = False
@@ -348,9 +352,13 @@ def _shift(a: _Sum, steps, w2, rate: int) -> _Sum:
 
 
 def _merge(a: _Sum, b: _Sum) -> _Sum:
-    top = jnp.maximum(a.ref, b.ref)
-    sa, sb = _exp2(a.ref - top), _exp2(b.ref - top)
-    return _Sum(top, tuple(x * sa + y * sb for x, y in zip(a.vals, b.vals)))
+    # One exp: the larger reference scales by exactly 1 (lax.select, not jnp.where: see _div).
+    d = a.ref - b.ref
+    a_top = d >= 0
+    small = _exp2(-jnp.abs(d))
+    one = jnp.ones_like(small)
+    sa, sb = lax.select(a_top, one, small), lax.select(a_top, small, one)
+    return _Sum(jnp.maximum(a.ref, b.ref), tuple(x * sa + y * sb for x, y in zip(a.vals, b.vals)))
 
 
 def _with_ref(a: _Sum, ref) -> tuple:
@@ -685,7 +693,8 @@ def _bwd_tile(plan: _Plan, c: _Consts, tile: _Tile, gs, left: _Left, fut: _Sum, 
     if bright is not None:
         lam = jnp.maximum(lam, jnp.maximum(bright.ref, sright.ref))
     cs = _exp2(-kappa - lam)
-    sc = _exp2(jnp.minimum(kappa + lam, _RESCALE_CAP))  # e^{k} relative to the transposed reference
+    # e^{k} relative to the transposed reference, 2^{kappa + lam} (capped), without another exp
+    sc = jnp.minimum(1.0 / cs, 2.0 ** _RESCALE_CAP)
     r, g = c.r, c.g
     zeros = jnp.zeros_like(c.w2)
 
@@ -706,7 +715,7 @@ def _bwd_tile(plan: _Plan, c: _Consts, tile: _Tile, gs, left: _Left, fut: _Sum, 
     else:
         e = _map(plan, lambda k: _exp2(k - kappa), tile.k2)
         ev = _map(plan, lambda x, v: x * v, e, tile.v)
-        erow = lambda i: (_get(plan, e, i), _get(plan, ev, i))  # noqa: E731
+        erow = lambda i, dep: (_get(plan, e, i), _get(plan, ev, i))  # noqa: E731
 
     # Reverse sweep: P' and, official, B' and S' (later rows); outputs.
     def back(i, carry):
@@ -730,7 +739,7 @@ def _bwd_tile(plan: _Plan, c: _Consts, tile: _Tile, gs, left: _Left, fut: _Sum, 
         else:
             xa, xb = xa + pp[0] + c.eu * a, xb + pp[1] + c.eu * b
             dxa, dxb = pp[2], pp[3]
-        ei, evi = erow(i)
+        ei, evi = erow(i, pp[0])
         outs = _set(plan, outs, i, (sc * (evi * xa + ei * xb), sc * (ei * xa)))
         dw = dw + evi * dxa + ei * dxb
         pp = _advance(pp, a, b, r, -1)
@@ -775,7 +784,7 @@ def _rows_join(rows: list, padded: int):
     return jnp.transpose(x, tuple(range(nb, 0, -1)) + (0,)).reshape(padded, -1)
 
 
-def _block_index(plan: _Plan, start, count: int, width: int):
+def _block_index(plan: _Plan, start, count: int, width: int, one=None):
     """Index arrays of rows start .. start + count - 1 (padded to a power of two) x ``width`` lanes.
 
     Compiled, the lane index is multiplied by a run-time 1 so that Triton sees no contiguity along the lanes:
@@ -783,13 +792,14 @@ def _block_index(plan: _Plan, start, count: int, width: int):
     memory to split it into rows).
     """
     padded = pl.next_power_of_2(count)
-    one = jnp.minimum(pl.program_id(0), 0) + 1
+    if one is None:
+        one = jnp.minimum(pl.program_id(0), 0) + 1
     rows = start + lax.broadcasted_iota(jnp.int32, (padded, width), 0)
     lanes = lax.broadcasted_iota(jnp.int32, (padded, width), 1) * one
     return padded, rows, lanes
 
 
-def _load_block(plan: _Plan, ref, start, count: int, row_ok, cmask, prefix=(), other=0.0) -> list:
+def _load_block(plan: _Plan, ref, start, count: int, row_ok, cmask, prefix=(), other=0.0, one=None) -> list:
     """Rows start .. start + count - 1 of ``ref`` (index ``prefix`` first) as a list of (block_c,) rows."""
     if plan.interpret:
         padded = pl.next_power_of_2(count)
@@ -797,7 +807,7 @@ def _load_block(plan: _Plan, ref, start, count: int, row_ok, cmask, prefix=(), o
         mask = (iota < count) & row_ok(start + iota) & cmask[None, :]
         x = _load(ref, prefix + (pl.ds(start, padded), slice(None)), mask, other)
     else:
-        padded, rows, lanes = _block_index(plan, start, count, plan.block_c)
+        padded, rows, lanes = _block_index(plan, start, count, plan.block_c, one)
         iota = rows - start
         mask = (iota < count) & row_ok(rows) & cmask[None, :]
         x = _load(ref, prefix + (rows, lanes), mask, other)
@@ -834,18 +844,23 @@ def _store_tile_rows(plan: _Plan, ref, t0, end, cmask, rows) -> None:
 
 
 class _LazyRows:
-    """Compiled: a tile's rows of one token array, read in blocks of _ROW_BLOCK rows when first indexed."""
+    """Compiled: a tile's rows of one token array, read in blocks of ``block`` rows when first indexed."""
 
-    def __init__(self, plan: _Plan, ref, t0, end, cmask, other=0.0, fn=None):
+    def __init__(self, plan: _Plan, ref, t0, end, cmask, other=0.0, fn=None, block: int = _ROW_BLOCK):
         self.args, self.other, self.fn, self.blocks = (plan, ref, t0, end, cmask), other, fn, {}
+        self.block = block
+        self.dep = None  # compiled: a (block_c,) value that the next block's addresses depend on (see reload)
 
     def __getitem__(self, i: int):
         plan, ref, t0, end, cmask = self.args
-        blk, off = divmod(i, _ROW_BLOCK)
+        blk, off = divmod(i, self.block)
         if blk not in self.blocks:
-            lo = blk * _ROW_BLOCK
-            rows = _load_block(plan, ref, t0 + lo, min(_ROW_BLOCK, plan.rows - lo), lambda t: t < end, cmask,
-                               other=self.other)
+            lo = blk * self.block
+            one = None
+            if self.dep is not None:
+                one = (self.dep == self.dep).astype(jnp.int32)[None, :]
+            rows = _load_block(plan, ref, t0 + lo, min(self.block, plan.rows - lo), lambda t: t < end, cmask,
+                               other=self.other, one=one)
             self.blocks[blk] = [self.fn(x) for x in rows] if self.fn else rows
         return self.blocks[blk][off]
 
@@ -869,12 +884,13 @@ class _RowWriter:
                 _store_block(plan, ref, t0 + lo, part, lambda t: t < end, cmask)
 
 
-def _late_rows(plan: _Plan, ref, t0, end, cmask, other=0.0, fn=None):
-    """Rows needed only after the tile's first sweep: an array (interpret) or _LazyRows (compiled)."""
+def _late_rows(plan: _Plan, ref, t0, end, cmask, other=0.0, fn=None, block: int = _ROW_BLOCK):
+    """Rows needed only after the tile's first sweep: an array (interpret) or _LazyRows (compiled) read in
+    blocks of ``block`` rows."""
     if plan.looped:
         x = _load_tile_rows(plan, ref, t0, end, cmask, other)
         return fn(x) if fn else x
-    return _LazyRows(plan, ref, t0, end, cmask, other, fn)
+    return _LazyRows(plan, ref, t0, end, cmask, other, fn, block)
 
 
 def _out_rows(plan: _Plan, refs, t0, end, cmask, like):
@@ -1108,7 +1124,8 @@ def _bwd_summary_kernel(plan: _Plan, w_ref, u_ref, k_ref, g_ref, y_ref, fseg_ref
         left, fprime, ptot = carry
         tau = s * q + jj
         t0, end, tile = _load_tile(plan, k_ref, None, tau, cmask)
-        gs, ys = _late_rows(plan, g_ref, t0, end, cmask), _late_rows(plan, y_ref, t0, end, cmask)
+        gs = _late_rows(plan, g_ref, t0, end, cmask, block=_SUMMARY_ROW_BLOCK)
+        ys = _late_rows(plan, y_ref, t0, end, cmask, block=_SUMMARY_ROW_BLOCK)
         fut = _future(plan, s, tau, t0, f_in, fsub_ref, cmask, c.w2, 1)
         if fpsub_ref is not None:
             _store_fields(plan, fpsub_ref, tau, _fields_of(fprime), cmask)
@@ -1157,7 +1174,14 @@ def _bwd_output_kernel(plan: _Plan, w_ref, u_ref, k_ref, v_ref, g_ref, fseg_ref,
             def reload(kappa):  # e and e v again, from k and v reread as the reverse sweep reaches them
                 es = _late_rows(plan, k_ref, t0, end, cmask, -jnp.inf, lambda k: _exp2(k * _LOG2E - kappa))
                 vs = _late_rows(plan, v_ref, t0, end, cmask)
-                return lambda i: (es[i], es[i] * vs[i])
+                def row(i, dep):
+                    # The reread's lane index is multiplied by (dep == dep), a 1 that depends on the reverse
+                    # sweep's carry: otherwise the compiler reuses the first read's addresses and keeps two
+                    # 64-bit addresses per row live across the tile (72 bytes spilled at (24, 784, 576), none
+                    # now). A NaN carry reads lane 0 instead, in bounds, where the outputs are NaN anyway.
+                    es.dep = vs.dep = dep
+                    return es[i], es[i] * vs[i]
+                return row
 
         outs = _out_rows(plan, (dk_ref, dv_ref), t0, end, cmask, (zeros, zeros))
         outs, first, right, dw_t, du_t = _bwd_tile(plan, c, tile, gs, left, fut, fprime, right, jj, reload, outs)
