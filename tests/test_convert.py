@@ -66,15 +66,16 @@ def test_real_models_export_official_layout_and_round_trip(name, num_classes, in
 
 # ------------------------------------------------------------------------------------------ parity
 
+SLOW = pytest.mark.slow  # the other sizes share every layer type with T and encoder-B
 PARITY = [
-    ("rwkv_unet_t", 3, 3),
-    ("rwkv_unet_s", 2, 1),
-    ("rwkv_unet_b", 4, 1),
-    ("rwkv_unet_encoder_t", 5, 3),
-    ("rwkv_unet_encoder_s", 3, 3),
-    ("rwkv_unet_encoder_b", 7, 1),
+    pytest.param("rwkv_unet_t", 3, 3, id="rwkv_unet_t"),
+    pytest.param("rwkv_unet_s", 2, 1, id="rwkv_unet_s", marks=SLOW),
+    pytest.param("rwkv_unet_b", 4, 1, id="rwkv_unet_b", marks=SLOW),
+    pytest.param("rwkv_unet_encoder_t", 5, 3, id="rwkv_unet_encoder_t", marks=SLOW),
+    pytest.param("rwkv_unet_encoder_s", 3, 3, id="rwkv_unet_encoder_s", marks=SLOW),
+    pytest.param("rwkv_unet_encoder_b", 7, 1, id="rwkv_unet_encoder_b"),
 ]
-SHAPES = [(64, 64), (96, 64)]
+SHAPES = [(96, 64)]  # non-square: catches a swapped H/W as well as a wrong layer
 TOL = 1e-4
 
 
@@ -83,7 +84,7 @@ def forward():
     return nnx.jit(lambda model, x: model(x))
 
 
-@pytest.mark.parametrize("name,num_classes,in_chans", PARITY, ids=[p[0] for p in PARITY])
+@pytest.mark.parametrize("name,num_classes,in_chans", PARITY)
 def test_parity_both_directions_tiny(forward, name, num_classes, in_chans):
     model = random_jax_model(name, num_classes=num_classes, in_chans=in_chans, seed=3, **TINY)
     module = build_torch_model(name, num_classes=num_classes, in_chans=in_chans, **TINY)
@@ -103,7 +104,8 @@ def test_parity_both_directions_tiny(forward, name, num_classes, in_chans):
                                    rtol=0, atol=TOL)
 
 
-def test_parity_full_size_t_and_paper_variant(forward):
+@pytest.mark.slow  # full-size T (the tiny parity tests above cover every layer type)
+def test_parity_full_size_t(forward):
     model = random_jax_model("rwkv_unet_t", num_classes=2, in_chans=3, seed=5)
     module = build_torch_model("rwkv_unet_t", num_classes=2, in_chans=3).eval()
     load = {k: torch.from_numpy(v) for k, v in export_torch_state_dict(model).items()}
@@ -112,6 +114,8 @@ def test_parity_full_size_t_and_paper_variant(forward):
     np.testing.assert_allclose(_torch_logits(module, x), np.asarray(forward(model, jnp.asarray(x))),
                                rtol=0, atol=TOL)
 
+
+def test_parity_paper_variant(forward):
     paper = random_jax_model("rwkv_unet_s", num_classes=2, in_chans=1, seed=6, wkv_variant="paper", **TINY)
     module = build_torch_model("rwkv_unet_s", num_classes=2, in_chans=1, wkv_variant="paper", **TINY).eval()
     module.load_state_dict({k: torch.from_numpy(v) for k, v in export_torch_state_dict(paper).items()})

@@ -101,6 +101,7 @@ def test_short_sequences_eps_scale(variant, tokens):
     check_against_naive(variant, inputs, rtol=2e-5, atol_frac=2e-6, grad_rtol=1e-4, grad_atol_frac=1e-5)
 
 
+@pytest.mark.slow  # interpret mode over a long row; many_tiles covers tiling by default
 def test_long_sequence_default_tiling():
     # T = 784 (the models' 28 x 28 stage): chunks of n = 25, default interpret tiles (8 rows: 4 tiles per
     # chunk, 32 segments), C = 20 (one partial channel block), model-like decays (w n < 0.5).

@@ -52,6 +52,7 @@ def _log(workdir: Path, process: int) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+@pytest.mark.slow  # two launches of two JAX processes each (minutes); run with -m slow
 def test_two_processes_train_get_preempted_and_resume_at_the_same_batch(tmp_path):
     workdir = tmp_path / "run"
     total = 40  # far more than the first run gets to do before it is stopped

@@ -57,6 +57,7 @@ def test_output_shapes_every_model(name):
         assert out.dtype == jnp.float32
 
 
+@pytest.mark.slow  # full-size model compiles (minutes on CI's 2 cores); run with -m slow
 def test_real_forward_non_square_is_finite_and_eval_is_deterministic():
     model = rwkvunet_jax.create_model("rwkv_unet_t", num_classes=3, in_chans=1, **TINY)
     model.eval()
@@ -68,6 +69,7 @@ def test_real_forward_non_square_is_finite_and_eval_is_deterministic():
     np.testing.assert_array_equal(np.asarray(y1), np.asarray(y2))
 
 
+@pytest.mark.slow  # full-size model compiles (minutes on CI's 2 cores); run with -m slow
 def test_single_channel_input_is_repeated_to_three():
     # Official S/B repeat a 1-channel input to 3 channels: same weights, same logits.
     one = rwkvunet_jax.create_model("rwkv_unet_t", num_classes=2, in_chans=1, seed=3, **TINY)
@@ -79,12 +81,14 @@ def test_single_channel_input_is_repeated_to_three():
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # full-size model compiles (minutes on CI's 2 cores); run with -m slow
 def test_other_channel_counts_build_the_stem_for_them():
     model = rwkvunet_jax.create_model("rwkv_unet_t", num_classes=2, in_chans=4, **TINY)
     assert model.encoder.stage0[0].conv.conv.kernel.shape == (1, 1, 4, 4)
     assert _abstract_output(model, (1, 32, 32, 4)).shape == (1, 32, 32, 2)
 
 
+@pytest.mark.slow  # full-size model compiles (minutes on CI's 2 cores); run with -m slow
 def test_every_parameter_gets_a_nonzero_gradient():
     model = rwkvunet_jax.create_model("rwkv_unet_t", num_classes=3, in_chans=1, **TINY)
     # Non-zero decay/bonus so the WKV gradient paths are generic.
@@ -134,6 +138,7 @@ def test_drop_path_is_random_in_train_and_off_in_eval():
     np.testing.assert_array_equal(np.asarray(forward(model, x)), np.asarray(forward(model, x)))
 
 
+@pytest.mark.slow  # full-size model compiles (minutes on CI's 2 cores); run with -m slow
 def test_bfloat16_compute_keeps_float32_parameters():
     model = rwkvunet_jax.create_model("rwkv_unet_t", num_classes=2, in_chans=1, dtype="bfloat16", **TINY)
     params = jax.tree.leaves(nnx.state(model, nnx.Param))
@@ -230,9 +235,9 @@ def test_stride_two_depthwise_padding_is_symmetric_like_pytorch():
 @pytest.mark.parametrize(
     "name,num_classes,in_chans,size,thop_gmacs,paper_gflops",
     [
-        ("rwkv_unet_encoder_t", 1000, 3, 224, 1.842, 1.9),
-        ("rwkv_unet_encoder_b", 1000, 3, 224, 8.994, 9.0),
-        ("rwkv_unet_b", 9, 1, 224, 11.173, 11.22),
+        pytest.param("rwkv_unet_encoder_t", 1000, 3, 224, 1.842, 1.9, marks=pytest.mark.slow),
+        pytest.param("rwkv_unet_encoder_b", 1000, 3, 224, 8.994, 9.0, marks=pytest.mark.slow),
+        pytest.param("rwkv_unet_b", 9, 1, 224, 11.173, 11.22, marks=pytest.mark.slow),
         ("rwkv_unet_t", 1, 3, 256, 3.744, 3.78),
     ],
 )
