@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_wkv import close, make_inputs, reference, value_and_grads
+from test_wkv import check_long_sequence_rows, close, make_inputs, reference, value_and_grads
 
 from rwkvunet_jax.kernels import wkv_chunked
 from rwkvunet_jax.wkv import bi_wkv
@@ -67,19 +67,7 @@ def test_large_keys_and_decays_of_both_signs(variant):
 @pytest.mark.slow  # long compiles; the default tests cover values, grads and exponent range
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_long_sequence_against_float64_rows(variant):
-    # T = 4500: official chunks of n = 141 tokens, each 5 tiles of 29 rows (the last padded); the 32nd chunk is
-    # partial. Rows at both ends and around chunk and tile boundaries.
-    tokens = 4500
-    w, u, k, v = make_inputs(4, 1, tokens, 3)
-    w = w * 4 / tokens
-    w[0] = 0.2  # a fast decay: only a few neighbours count, w L = 5.8
-    rows = [0, 1, 28, 29, 140, 141, 142, 2000, 4370, 4371, 4372, 4498, 4499]
-    expected = reference(w, u, k, v, variant, rows)
-    y = bi_wkv(w, u, k, v, impl="chunked", variant=variant)
-    close(np.asarray(y)[:, rows], expected, rtol=2e-5, atol_frac=2e-6)
-    with jax.enable_x64(True):
-        y = bi_wkv(*(x.astype(np.float64) for x in (w, u, k, v)), impl="chunked", variant=variant)
-        close(np.asarray(y)[:, rows], expected, rtol=1e-10, atol_frac=1e-12)
+    check_long_sequence_rows("chunked", variant)
 
 
 @pytest.mark.parametrize("tokens", [1, 33, pytest.param(2, marks=pytest.mark.slow), pytest.param(2000, marks=pytest.mark.slow)])
