@@ -112,26 +112,31 @@ def test_every_parameter_gets_a_nonzero_gradient():
     assert not zero, f"parameters with an all-zero gradient: {zero}"
 
 
-def test_batchnorm_statistics_move_only_in_train_mode():
-    model = rwkvunet_jax.create_model("rwkv_unet_encoder_t", num_classes=4, in_chans=3, **TINY)
-    x = jax.random.normal(jax.random.key(4), (2, 16, 16, 3)) * 3 + 1
+@pytest.fixture(scope="module")
+def tiny_encoder():
+    """A tiny encoder with heavy drop path and one jitted forward: the train/eval tests share its two compiles."""
+    model = rwkvunet_jax.create_model("rwkv_unet_encoder_t", num_classes=4, in_chans=3, drop_path_rate=0.9, **TINY)
+    return model, nnx.jit(lambda m, x: m(x))
+
+
+def test_batchnorm_statistics_move_only_in_train_mode(tiny_encoder):
+    model, forward = tiny_encoder
+    x = jax.random.normal(jax.random.key(4), (4, 16, 16, 3)) * 3 + 1
     before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
     model.eval()
-    model(x)
+    forward(model, x)
     after_eval = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
     jax.tree.map(np.testing.assert_array_equal, before, after_eval)
     model.train()
-    model(x)
+    forward(model, x)
     after_train = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
     changed = [not np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after_train))]
     assert all(changed)
 
 
-def test_drop_path_is_random_in_train_and_off_in_eval():
-    model = rwkvunet_jax.create_model("rwkv_unet_encoder_t", num_classes=4, in_chans=3,
-                                      drop_path_rate=0.9, **TINY)
+def test_drop_path_is_random_in_train_and_off_in_eval(tiny_encoder):
+    model, forward = tiny_encoder
     x = jax.random.normal(jax.random.key(5), (4, 16, 16, 3))
-    forward = nnx.jit(lambda m, x: m(x))
     model.train()
     assert not np.allclose(np.asarray(forward(model, x)), np.asarray(forward(model, x)))
     model.eval()
@@ -242,7 +247,8 @@ def test_stride_two_depthwise_padding_is_symmetric_like_pytorch():
     ],
 )
 def test_flops_follow_the_paper_convention(name, num_classes, in_chans, size, thop_gmacs, paper_gflops):
-    model = rwkvunet_jax.create_model(name, num_classes=num_classes, in_chans=in_chans)
+    # Abstract parameters: counting needs shapes only (drawing the weights of a full model costs far more).
+    model = nnx.eval_shape(lambda: rwkvunet_jax.create_model(name, num_classes=num_classes, in_chans=in_chans))
     macs = model_macs(model, size, size)
     total = sum(macs.values()) / 1e9
     if "encoder" in name:

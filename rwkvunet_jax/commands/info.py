@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from flax import nnx
+
 from rwkvunet_jax.commands.parsing import CommandError, command_parser
 from rwkvunet_jax.models.registry import create_model, list_models
 from rwkvunet_jax.models.summary import OFFICIAL_USED_PARAMS, model_macs, paper_figures, param_count
@@ -40,7 +42,8 @@ def main(argv: list[str]) -> int:
     is_encoder = args.model.startswith("rwkv_unet_encoder")
     num_classes = args.num_classes or (1000 if is_encoder else 9)
     in_chans = args.in_chans or (3 if is_encoder or args.model == "rwkv_unet_t" else 1)
-    model = create_model(args.model, num_classes=num_classes, in_chans=in_chans)
+    # Shapes are all that counting needs: an abstract model draws no weights (seconds instead of minutes).
+    model = nnx.eval_shape(lambda: create_model(args.model, num_classes=num_classes, in_chans=in_chans))
     params = param_count(model)
     macs = model_macs(model, height, width)
     total = sum(macs.values())
