@@ -974,47 +974,45 @@ def _loop(count: int, body, init):
     return lax.fori_loop(0, count, body, init)
 
 
-def _scan_segments(plan: _Plan, s, load, left_term, right_term, zeros, nvals):
-    """Merge the totals of the other segments: ``left_term(s2, total)`` for s2 < s, ``right_term`` for s2 > s."""
+def _scan_segments(plan: _Plan, seg_ref, s, cmask, w2, sizes: tuple, left: int, right: int, keep: int | None = None):
+    """The other segments' totals merged into segment s, from ``seg_ref`` (per segment: _Sums of ``sizes`` values).
+
+    Sum ``left`` of each segment s2 < s (held at the first token of segment s2 + 1) arrives at segment s's first
+    token, sum ``right`` of each s2 > s (held at the token before segment s2) at its last token; both decay
+    towards s. ``keep``: only the last ``keep`` values of each sum. Returns (from the left, from the right).
+    """
     n = plan.num_segments
-    acc = (_empty_sum(zeros, nvals), _empty_sum(zeros, nvals))
+    nfields = sum(1 + size for size in sizes)
+    zeros = jnp.zeros_like(w2)
+    acc = (_empty_sum(zeros, keep or sizes[left]), _empty_sum(zeros, keep or sizes[right]))
     if n == 1:
         return acc
+
+    def load(s2, which, ok):
+        mask = cmask & ok
+        total = _sums_from(_load_fields(plan, seg_ref, jnp.clip(s2, 0, n - 1), nfields, mask), sizes, mask)[which]
+        return total if keep is None else _Sum(total.ref, total.vals[-keep:])
+
+    nxt = plan.seg_start(s + 1)
 
     def body(i, acc):
         lo, hi = acc
         sl, sr = s - 1 - i, s + 1 + i
-        lo = _merge(lo, left_term(sl, load(sl, 0, sl >= 0)))
-        hi = _merge(hi, right_term(sr, load(sr, 1, sr < n)))
+        lo = _merge(lo, _shift(load(sl, left, sl >= 0), plan.seg_start(s) - plan.seg_start(sl + 1), w2, -1))
+        hi = _merge(hi, _shift(load(sr, right, sr < n), plan.seg_start(sr) - nxt, w2, -1))
         return lo, hi
 
     return lax.fori_loop(0, n - 1, body, acc)
 
 
-# ------------------------------------------------------------------------------------------ forward kernels
-
-
 def _fwd_scan(plan: _Plan, seg_ref, s, cmask, w2, nv: int):
-    """P entering segment s (at its first token) and F entering from the right (at its last token)."""
-    zeros = jnp.zeros_like(w2)
-    nxt = plan.seg_start(s + 1)
+    """P entering segment s (at its first token) and F entering from the right (at its last token); per segment
+    the forward summary stores P_tot (P at the first token of the next segment) and F_tot (F at the token
+    before the segment)."""
+    return _scan_segments(plan, seg_ref, s, cmask, w2, (2, 2), 0, 1, keep=nv)
 
-    def load(s2, side, ok):
-        mask = cmask & ok
-        fields = _load_fields(plan, seg_ref, jnp.clip(s2, 0, plan.num_segments - 1), 6, mask)
-        p, f = _sums_from(fields, (2, 2), mask)
-        return p if side == 0 else f
 
-    # P_tot(s2) is P at the first token of segment s2 + 1; F_tot(s2) is F at the token before segment s2.
-    def left_term(s2, p):
-        p = _shift(p, plan.seg_start(s) - plan.seg_start(s2 + 1), w2, -1)
-        return p if nv == 2 else _Sum(p.ref, p.vals[1:])
-
-    def right_term(s2, f):
-        f = _shift(f, (plan.seg_start(s2) - 1) - (nxt - 1), w2, -1)
-        return f if nv == 2 else _Sum(f.ref, f.vals[1:])
-
-    return _scan_segments(plan, s, load, left_term, right_term, zeros, nv)
+# ------------------------------------------------------------------------------------------ forward kernels
 
 
 def _fwd_summary_kernel(plan: _Plan, w_ref, k_ref, v_ref, seg_ref, *sub_refs):
@@ -1087,23 +1085,10 @@ def _fwd_output_kernel(plan: _Plan, save: bool, w_ref, u_ref, k_ref, v_ref, seg_
 
 
 def _bwd_scan(plan: _Plan, seg_ref, s, cmask, w2):
-    """P' entering segment s from the right (at its last token) and F' from the left (at its first token)."""
-    zeros = jnp.zeros_like(w2)
-
-    def load(s2, side, ok):
-        mask = cmask & ok
-        fields = _load_fields(plan, seg_ref, jnp.clip(s2, 0, plan.num_segments - 1), 10, mask)
-        pp, fp = _sums_from(fields, (4, 4), mask)
-        return fp if side == 0 else pp
-
-    # P'_tot(s2) is at the token before segment s2; F'_tot(s2) at the first token of segment s2 + 1.
-    def left_term(s2, fp):
-        return _shift(fp, plan.seg_start(s) - plan.seg_start(s2 + 1), w2, -1)
-
-    def right_term(s2, pp):
-        return _shift(pp, (plan.seg_start(s2) - 1) - (plan.seg_start(s + 1) - 1), w2, -1)
-
-    fp_in, pp_in = _scan_segments(plan, s, load, left_term, right_term, zeros, 4)
+    """P' entering segment s from the right (at its last token) and F' from the left (at its first token); per
+    segment the backward summary stores P'_tot (at the token before the segment) and F'_tot (at the first token
+    of the next segment)."""
+    fp_in, pp_in = _scan_segments(plan, seg_ref, s, cmask, w2, (4, 4), 1, 0)
     return pp_in, fp_in
 
 
