@@ -990,24 +990,42 @@ def _scan_segments(plan: _Plan, seg_ref, s, cmask, w2, sizes: tuple, left: int, 
     towards s. ``keep``: only the last ``keep`` values of each sum. Returns (from the left, from the right).
     """
     n = plan.num_segments
-    nfields = sum(1 + size for size in sizes)
     zeros = jnp.zeros_like(w2)
     acc = (_empty_sum(zeros, keep or sizes[left]), _empty_sum(zeros, keep or sizes[right]))
     if n == 1:
         return acc
+    first = [sum(1 + size for size in sizes[:j]) for j in range(len(sizes))]  # field of each sum's reference
+    spans = ((first[left], 1 + sizes[left]), (first[right], 1 + sizes[right]))
 
-    def load(s2, which, ok):
-        mask = cmask & ok
-        total = _sums_from(_load_fields(plan, seg_ref, jnp.clip(s2, 0, n - 1), nfields, mask), sizes, mask)[which]
-        return total if keep is None else _Sum(total.ref, total.vals[-keep:])
+    def load(sl, sr):
+        """Sum ``left`` of segment sl and sum ``right`` of segment sr: one read when compiled (each memory
+        operation adds to Triton's compile time)."""
+        oks = (sl >= 0, sr < n)
+        poss = (jnp.clip(sl, 0, n - 1), jnp.clip(sr, 0, n - 1))
+        if plan.interpret:
+            parts = [[_load(seg_ref, (pos, f0 + f, slice(None)), cmask & ok) for f in range(cnt)]
+                     for pos, ok, (f0, cnt) in zip(poss, oks, spans)]
+        else:
+            (f0, n0), (f1, n1) = spans
+            _, rows, lanes = _block_index(plan, 0, n0 + n1, plan.block_c)
+            lower = rows < n0
+            pick = lambda a, b: lax.select(lower, jnp.full_like(rows, a), jnp.full_like(rows, b))  # noqa: E731
+            mask = (rows < n0 + n1) & lax.select(lower, jnp.broadcast_to(oks[0], rows.shape),
+                                                  jnp.broadcast_to(oks[1], rows.shape)) & cmask[None, :]
+            fields = _rows_split(_load(seg_ref, (pick(*poss), rows + pick(f0, f1 - n0), lanes), mask), n0 + n1,
+                                 plan.block_c)
+            parts = [fields[:n0], fields[n0:]]
+        sums = [_sums_from(part, (cnt - 1,), cmask & ok)[0] for part, ok, (_, cnt) in zip(parts, oks, spans)]
+        return [a if keep is None else _Sum(a.ref, a.vals[-keep:]) for a in sums]
 
     nxt = plan.seg_start(s + 1)
 
     def body(i, acc):
         lo, hi = acc
         sl, sr = s - 1 - i, s + 1 + i
-        lo = _merge(lo, _shift(load(sl, left, sl >= 0), plan.seg_start(s) - plan.seg_start(sl + 1), w2, -1))
-        hi = _merge(hi, _shift(load(sr, right, sr < n), plan.seg_start(sr) - nxt, w2, -1))
+        a, b = load(sl, sr)
+        lo = _merge(lo, _shift(a, plan.seg_start(s) - plan.seg_start(sl + 1), w2, -1))
+        hi = _merge(hi, _shift(b, plan.seg_start(sr) - nxt, w2, -1))
         return lo, hi
 
     return lax.fori_loop(0, n - 1, body, acc)
