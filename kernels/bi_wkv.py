@@ -58,22 +58,22 @@ in HBM, float32, per batch element and channel: per segment 6 (forward) and 10 +
 3 (F), 3 (P; 10 when chunks are split) and 5 (F') floats, i.e. ~0.45 floats per token at T = 784.
 
 Measured (``python benchmarks/kernel_report.py``: Triton IR captured while lowering for CUDA on a CPU, compiled
-for sm_90 by the pip triton 3.8 wheel; (24, 784, 576) float32 official, 2 loaded cores; per token and channel;
-compile in CPU seconds; "before" is the report's recorded figures of commit cd26de8)::
+for sm_90 by the pip triton 3.8 wheel; (24, 784, 576) float32 official, 2 cores at a load average of 2-5; per
+token and channel; compile in CPU seconds; "before" is the report's recorded figures of commit cd26de8)::
 
     kernel (grid 24 x 18 x 2, 1 warp)  regs  spill  SASS  EX2  instr/tok  exp/tok  compile s
     forward summary                      127      0   655   30       23.5     1.19        2.7
-    forward output                       128      0  1401   35       53.5     1.24        4.7
-    backward summary                     198      0  1670   38       61.1     1.36       15.7
-    backward output                      254      0  3093   65      120.4     2.46       62.5
+    forward output                       128      0  1402   35       53.5     1.24        3.4
+    backward summary                     198      0  1668   38       61.1     1.36        8.8
+    backward output                      254      0  3121   66      121.5     2.50       31.5
 
     target (issue 11)                  before (cd26de8)   now     met
     exp per token, forward                   14.2          2.42   yes
-    exp per token, backward                  16.4          3.82   yes (<= 4)
-    SASS instr per token, fwd+bwd           930.7        258.9    yes (<= 310)
+    exp per token, backward                  16.4          3.86   yes (<= 4)
+    SASS instr per token, fwd+bwd           930.7        260.0    yes (<= 310)
     max registers per kernel                  255          254    no  (<= 168: backward output, summary 198)
     spilled bytes                               0            0    yes
-    max Triton compile s per kernel         286.0         62.5    no  (<= 30: backward output)
+    max Triton compile s per kernel         286.0         31.5    no  (<= 30: backward output, loaded machine)
     training traffic, f32 arrays             31.0         14.0    yes (<= 14)
 
 Lowering: Triton-backed Pallas on GPU (``CompilerParams`` from ``jax.experimental.pallas.triton``); arrays
@@ -122,8 +122,8 @@ _ROW_BLOCK = 16
 # more memory operations). The backward output reads and writes whole tiles instead: its registers are at the
 # cap (254 at (24, 784, 576)) with blocks of 16, 8 or 4 rows alike, and Triton's compile time grows with the
 # number of memory operations (its Coalesce pass slices the whole kernel once per load or store; each store is
-# a load and a store in the Pallas lowering): whole tiles take it from 27 to 17 memory operations and its
-# compile time down by about a third.
+# a load and a store in the Pallas lowering): whole tiles (and the single reads of _scan_segments) take it
+# from 27 to 16 memory operations and its compile time down by about 40%.
 _SUMMARY_ROW_BLOCK = 8
 # Test hook: run the compiled path's unrolled, row-at-a-time code in interpret mode too (tests set it; slow to
 # compile in XLA for long tiles).
