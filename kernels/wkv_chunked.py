@@ -233,10 +233,16 @@ def _matmul(mask: jax.Array, x: jax.Array) -> jax.Array:
     return jnp.einsum("ij,j...->i...", mask, x, precision=_HIGHEST, preferred_element_type=x.dtype)
 
 
-def _colmax(x: jax.Array, where: jax.Array | None = None) -> jax.Array:
+def _colmax(x: jax.Array, where: jax.Array | None = None, *, loop: bool = False) -> jax.Array:
+    """Maximum over the rows, (L, ..., C) -> (1, ..., C). ``loop``: as a ``fori_loop`` over the L rows (XLA:CPU
+    runs a reduction over the leading axis several times slower than L row maxima in a loop, and would fuse an
+    unrolled one into every consumer)."""
     if where is not None:
         x = jnp.where(where, x, _EMPTY)
-    return jnp.max(x, axis=0, keepdims=True)
+    if not loop or x.shape[0] == 1:
+        return jnp.max(x, axis=0, keepdims=True)
+    row = lambda i: lax.dynamic_index_in_dim(x, i, 0, keepdims=True)
+    return lax.fori_loop(1, x.shape[0], lambda i, top: jnp.maximum(top, row(i)), x[:1])
 
 
 def _colsum(x: jax.Array) -> jax.Array:
@@ -297,17 +303,18 @@ class _Keys(NamedTuple):
     down_scaled: jax.Array
 
 
-def _keys(t: _Tile, w: jax.Array) -> _Keys:
+def _keys(t: _Tile, w: jax.Array, spec: TileSpec) -> _Keys:
     up = jnp.where(t.present, t.k + w * t.pos, _EMPTY)
     down = jnp.where(t.present, t.k - w * t.pos, _EMPTY)
-    up_max, down_max = _sg(_colmax(up)), _sg(_colmax(down))
+    loop = not spec.unroll
+    up_max, down_max = _sg(_colmax(up, loop=loop)), _sg(_colmax(down, loop=loop))
     scaled = lambda e, top: jnp.where(t.present, jnp.exp(e - top), 0.0)
     return _Keys(up, down, up_max, down_max, scaled(up, up_max), scaled(down, down_max))
 
 
-def _span(t: _Tile, keys: _Keys) -> jax.Array:
+def _span(t: _Tile, keys: _Keys, spec: TileSpec) -> jax.Array:
     """The tile's range of k_j + w j and of k_j - w j (the scaled keys' span), 0 for a tile of padding."""
-    low = lambda e: -_colmax(-e, t.present)
+    low = lambda e: -_colmax(-e, t.present, loop=not spec.unroll)
     span = jnp.maximum(keys.up_max - low(keys.up), keys.down_max - low(keys.down))
     return jnp.where(t.length > 0, span, 0.0)
 
@@ -355,7 +362,7 @@ def _summary_parts(t: _Tile, keys: _Keys, w: jax.Array, rows: TileRows, spec: Ti
         else:
             # Its own reference and exponentials, so that the sum is exact whatever the tile's range.
             mask = t.present if mask is None else mask
-            ref = _sg(_colmax(exponent + w * offset, mask))
+            ref = _sg(_colmax(exponent + w * offset, mask, loop=not spec.unroll))
             q = jnp.where(mask, jnp.exp(jnp.where(mask, exponent + w * offset - ref, 0.0)), 0.0)
         parts.append((ref, q, sign * t.pos + offset))
     return parts, start
@@ -366,14 +373,14 @@ def tile_summary(k: jax.Array, v: jax.Array, w: jax.Array, rows: TileRows, spec:
     compute dtype, w (1, C). Official fields P, C, R (ref, a, b each), S (a maximum), F, range; paper P, F, range.
     The references (and S, range) are constants for differentiation."""
     t = _tile(k, v, rows, spec)
-    keys = _keys(t, w)
+    keys = _keys(t, w, spec)
     parts, start = _summary_parts(t, keys, w, rows, spec)
     out = []
     for ref, q, _ in parts:
         out += [ref, _colsum(q * t.v), _colsum(q)]
     if start is not None:
-        out.insert(9, _sg(_colmax(keys.down + w * start[0], start[1])))
-    out.append(_sg(_span(t, keys)))
+        out.insert(9, _sg(_colmax(keys.down + w * start[0], start[1], loop=not spec.unroll)))
+    out.append(_sg(_span(t, keys, spec)))
     return tuple(out)
 
 
@@ -383,7 +390,7 @@ def tile_summary_vjp(
     """(dk, dv, dw) of ``tile_summary`` for the cotangents of its fields (only the a, b fields count); dw per
     tile (1, ..., C)."""
     t = _tile(k, v, rows, spec)
-    parts, _ = _summary_parts(t, _keys(t, w), w, rows, spec)
+    parts, _ = _summary_parts(t, _keys(t, w, spec), w, rows, spec)
     at = [0, 3, 6, 10] if spec.official else [0, 3]
     dk = dv = dw_rows = jnp.zeros_like(t.k)
     for (_, q, c), i in zip(parts, at):
@@ -394,6 +401,17 @@ def tile_summary_vjp(
 
 
 # ----------------------------------------------------------------------------------------------- tile output
+
+
+def _cummax(xs: tuple[jax.Array, ...], reverse: bool) -> tuple[jax.Array, ...]:
+    """Inclusive running maxima over the rows (axis 0) of each array, from the last row with ``reverse``."""
+
+    def step(top, rows):
+        top = tuple(jnp.maximum(a, b) for a, b in zip(top, rows))
+        return top, top
+
+    _, out = lax.scan(step, tuple(x[-1] if reverse else x[0] for x in xs), xs, reverse=reverse)
+    return out
 
 
 def _running_maxima(up: jax.Array, down: jax.Array, w: jax.Array, t: _Tile, rows: TileRows, spec: TileSpec):
@@ -433,7 +451,13 @@ def _running_maxima(up: jax.Array, down: jax.Array, w: jax.Array, t: _Tile, rows
         future = jnp.maximum(future, jnp.where(row + shift < size, ahead, _EMPTY))
         return plain, own, grown, future
 
-    plain, own, grown, future = _doubling(step, (plain, own, grown, future), size, spec.unroll)
+    if spec.unroll or segmented:
+        plain, own, grown, future = _doubling(step, (plain, own, grown, future), size, spec.unroll)
+    else:
+        # XLA, one chunk per tile: running maxima row by row (a loop of L steps on whole rows costs less than
+        # log2(L) doublings, each a pass over the tile with a rotated copy).
+        plain, grown = _cummax((plain, grown), reverse=False)
+        (future,) = _cummax((future,), reverse=True)
     if size == 1:
         empty = jnp.full_like(up, _EMPTY)
         return empty, grown, empty
@@ -523,7 +547,7 @@ def _top(t: _Tile, keys: _Keys, w, u, incoming, rows: TileRows, spec: TileSpec) 
 
 def _output_terms(k, v, w, u, incoming, rows: TileRows, spec: TileSpec, top: jax.Array | None = None) -> _Output:
     t = _tile(k, v, rows, spec)
-    keys = _keys(t, w)
+    keys = _keys(t, w, spec)
     if top is None:
         top = _top(t, keys, w, u, incoming, rows, spec)
     pos, last = t.pos, t.length - 1.0
@@ -634,7 +658,7 @@ def _output_forward(k, v, w, u, incoming, rows: TileRows, spec: TileSpec) -> tup
     """``tile_output`` and what ``tile_output_vjp`` can reuse instead of recomputing (the reference top and the
     sums)."""
     t = _tile(k, v, rows, spec)
-    top = _top(t, _keys(t, w), w, u, incoming, rows, spec)
+    top = _top(t, _keys(t, w, spec), w, u, incoming, rows, spec)
     sums = _num_den(_output_terms(k, v, w, u, incoming, rows, spec, top), w, incoming, spec)
     return sums.num / sums.den, (top, sums)
 
@@ -687,7 +711,7 @@ def tile_output_exact(k, v, w, u, incoming, rows: TileRows, spec: TileSpec) -> j
     row by row (``lax.scan`` over the L rows, every tile and channel at once) as exact log-domain sums started
     from the incoming states, like ``impl="scan"`` within each tile. XLA only (differentiated by autodiff)."""
     t = _tile(k, v, rows, spec)
-    top = _top(t, _keys(t, w), w, u, incoming, rows, spec)
+    top = _top(t, _keys(t, w, spec), w, u, incoming, rows, spec)
     w_all, w = w, w.reshape(w.shape[-1])  # per channel, to broadcast against one row (..., C)
     like = t.k[0]
     empty = _Sum(jnp.full_like(like, _EMPTY), jnp.zeros_like(like), jnp.zeros_like(like))
