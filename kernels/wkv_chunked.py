@@ -43,13 +43,14 @@ comes out exactly as the maximum of the pieces' maxima (within a tile by log-ste
 
 Exponent range. A tile's scaled keys span its range of k_j +- w j, at most spread(k) + |w| (L - 1). Where that
 exceeds ``safe_range`` (60 in float32, 600 in float64) anywhere, a key some query depends on could flush to zero,
-so the whole call runs the same computation with tiles of one token instead (``lax.cond``; every exponent is then
-exact and only the scans over tiles remain; rematerialised, so that it costs no memory unless taken). Tile
+so the whole call runs again with the intra-tile sums taken row by row (``tile_output_exact``, picked by a
+``lax.cond``; every exponent is then exact; rematerialised, so that it costs no memory unless taken). Tile
 summaries never depend on the range: each is a sum referenced to its own largest term.
 
-Loops: none over tokens. The lowered forward and gradient hold only ``fori_loop``s of log2(L) steps (running
-maxima) and log2(P) steps (the scans over tiles). Gradients: hand-written VJPs of the two tile functions
-(also what the Mosaic kernels' backward passes run), autodiff through ``combine``.
+Loops: none over tokens. The lowered forward and gradient hold only loops of at most L steps (column and
+running maxima row by row in XLA, log2(L) doublings in a Mosaic kernel; the exact fallback's rows) and log2(P)
+steps (the scans over tiles). Gradients: hand-written VJPs of the two tile functions (also what the Mosaic
+kernels' backward passes run), autodiff through ``combine``.
 """
 
 from __future__ import annotations
@@ -943,8 +944,25 @@ _output.defvjp(_output_fwd, _output_bwd)
 @functools.partial(jax.jit, static_argnames=("official", "tile", "compute_dtype", "aligned"))
 def _chunked(w, u, k, v, *, official: bool, tile: int, compute_dtype: Any, aligned: bool = True) -> jax.Array:
     """The XLA chunked form. ``aligned=False`` runs the Mosaic kernel's contiguous tiles and per-tile masks, one
-    (L, C) block at a time under vmap (a check of the kernel's arithmetic without Pallas)."""
-    out_dtype, (batch, tokens, channels) = k.dtype, k.shape
+    (L, C) block at a time under vmap (a check of the kernel's arithmetic without Pallas).
+
+    Where some tile's keys span more exponent range than the float type holds, the whole call runs again with the
+    intra-tile sums taken row by row (rare; exact). The fast result is computed either way and the ``lax.cond``
+    only picks: operands of a cond are materialised in a fixed layout and its branches are compiled apart from
+    the rest, which with the fast path inside made XLA:CPU's forward about twice as slow."""
+    args = dict(official=official, tile=tile, compute_dtype=compute_dtype, aligned=aligned)
+    y, in_range = _tiled(w, u, k, v, exact=False, **args)
+    if in_range is not None:
+        exact = jax.checkpoint(lambda a: _tiled(*a, exact=True, **args)[0])  # recomputed, not stored, for grads
+        y = lax.cond(in_range, lambda y, a: y, lambda y, a: exact(a), y, (w, u, k, v))
+    return y.astype(k.dtype)
+
+
+def _tiled(w, u, k, v, *, official: bool, tile: int, compute_dtype: Any, aligned: bool, exact: bool):
+    """(y (B, T, C) in the compute dtype, whether every tile's range is safe (None for tiles of one row)).
+    ``exact``: intra-tile sums row by row (``tile_output_exact``); else the fast form, whose gradient is dropped
+    where the range is not safe (it may then not be finite)."""
+    batch, tokens, channels = k.shape
     layout = aligned_layout(tokens, tile, official) if aligned else contiguous_layout(tokens, tile, official)
     spec = TileSpec(official=official, tile=layout.tile, safe=safe_range(compute_dtype), aligned=layout.aligned)
     w, u = (x.astype(compute_dtype)[None, :] for x in (w, u))
@@ -957,10 +975,10 @@ def _chunked(w, u, k, v, *, official: bool, tile: int, compute_dtype: Any, align
         rows = TileRows(*(jnp.asarray(x) for x in (count, lo, rlo)), None, None)
         summary = lambda k, v, w: _summary(k, v, w, rows, spec)
         output = lambda k, v, w, u, incoming: _output(k, v, w, u, incoming, rows, spec)
-        exact = lambda k, v, w, u, incoming: tile_output_exact(k, v, w, u, incoming, rows, spec)
+        exact_output = lambda k, v, w, u, incoming: tile_output_exact(k, v, w, u, incoming, rows, spec)
         squeeze, expand = (lambda x: x[0]), (lambda x: x[None])
     else:
-        summary, output, exact = _vmapped_blocks(spec, layout)
+        summary, output, exact_output = _vmapped_blocks(spec, layout)
         squeeze, expand = (lambda x: x[:, :, 0]), (lambda x: x[:, :, None])
 
     fields = tuple(squeeze(x) for x in summary(kt, vt, w))  # each (B, P, C)
@@ -968,15 +986,34 @@ def _chunked(w, u, k, v, *, official: bool, tile: int, compute_dtype: Any, align
     incoming = combine(fields[:-1], w[0], official=official, lengths=layout.count, resets=layout.resets)
     incoming = tuple(expand(x) for x in incoming)
     operands = (kt, vt, w, u, incoming)
-    if layout.tile == 1:
+    in_range = None
+    if exact and layout.tile > 1:
+        y = exact_output(*operands)
+    elif layout.tile == 1:
         y = output(*operands)
     else:
-        # Tiles whose keys span more than the float range allows run row by row instead (rare; exact).
         in_range = jnp.all(fields[-1] <= spec.safe)
-        y = lax.cond(in_range, lambda a: output(*a), jax.checkpoint(lambda a: exact(*a)), operands)
+        y = output(*_gate(in_range, operands))
     if layout.aligned:
         y = jnp.moveaxis(y, 0, 2)
-    return from_tiles(y, layout, tokens).astype(out_dtype)
+    return from_tiles(y, layout, tokens), in_range
+
+
+@jax.custom_vjp
+def _gate(flag: jax.Array, x: Any) -> Any:
+    """x, whose cotangents pass where ``flag`` (a scalar bool) holds and are 0 (even if not finite) elsewhere."""
+    return x
+
+
+def _gate_fwd(flag, x):
+    return x, flag
+
+
+def _gate_bwd(flag, g):
+    return None, jax.tree.map(lambda d: jnp.where(flag, d, jnp.zeros_like(d)), g)
+
+
+_gate.defvjp(_gate_fwd, _gate_bwd)
 
 
 def _vmapped_blocks(spec: TileSpec, layout: Layout):
