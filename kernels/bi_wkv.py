@@ -58,22 +58,22 @@ in HBM, float32, per batch element and channel: per segment 6 (forward) and 10 +
 3 (F), 3 (P; 10 when chunks are split) and 5 (F') floats, i.e. ~0.45 floats per token at T = 784.
 
 Measured (``python benchmarks/kernel_report.py``: Triton IR captured while lowering for CUDA on a CPU, compiled
-for sm_90 by the pip triton 3.8 wheel; (24, 784, 576) float32 official, 2 loaded cores; per token and channel;
-compile in CPU seconds; "before" is the report's recorded figures of commit cd26de8)::
+for sm_90 by the pip triton 3.8 wheel; (24, 784, 576) float32 official, 2 cores at a load average of 2-5; per
+token and channel; compile in CPU seconds; "before" is the report's recorded figures of commit cd26de8)::
 
     kernel (grid 24 x 18 x 2, 1 warp)  regs  spill  SASS  EX2  instr/tok  exp/tok  compile s
     forward summary                      127      0   655   30       23.5     1.19        2.7
-    forward output                       128      0  1401   35       53.5     1.24        4.7
-    backward summary                     198      0  1670   38       61.1     1.36       15.7
-    backward output                      254      0  3093   65      120.4     2.46       62.5
+    forward output                       128      0  1402   35       53.5     1.24        3.4
+    backward summary                     198      0  1668   38       61.1     1.36        8.8
+    backward output                      254      0  3121   66      121.5     2.50       31.5
 
     target (issue 11)                  before (cd26de8)   now     met
     exp per token, forward                   14.2          2.42   yes
-    exp per token, backward                  16.4          3.82   yes (<= 4)
-    SASS instr per token, fwd+bwd           930.7        258.9    yes (<= 310)
+    exp per token, backward                  16.4          3.86   yes (<= 4)
+    SASS instr per token, fwd+bwd           930.7        260.0    yes (<= 310)
     max registers per kernel                  255          254    no  (<= 168: backward output, summary 198)
     spilled bytes                               0            0    yes
-    max Triton compile s per kernel         286.0         62.5    no  (<= 30: backward output)
+    max Triton compile s per kernel         286.0         31.5    no  (<= 30: backward output, loaded machine)
     training traffic, f32 arrays             31.0         14.0    yes (<= 14)
 
 Lowering: Triton-backed Pallas on GPU (``CompilerParams`` from ``jax.experimental.pallas.triton``); arrays
@@ -119,7 +119,11 @@ _SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 _ROW_BLOCK = 16
 # The backward summary reads g and y in smaller blocks: the compiler issues a block's loads together, and at
 # (24, 784, 576) blocks of 8 rows take its registers from 242 to 198 (for about twice the Triton compile time:
-# more memory operations; the backward output gains nothing from smaller blocks).
+# more memory operations). The backward output reads and writes whole tiles instead: its registers are at the
+# cap (254 at (24, 784, 576)) with blocks of 16, 8 or 4 rows alike, and Triton's compile time grows with the
+# number of memory operations (its Coalesce pass slices the whole kernel once per load or store; each store is
+# a load and a store in the Pallas lowering): whole tiles (and the single reads of _scan_segments) take it
+# from 27 to 16 memory operations and its compile time down by about 40%.
 _SUMMARY_ROW_BLOCK = 8
 # Test hook: run the compiled path's unrolled, row-at-a-time code in interpret mode too (tests set it; slow to
 # compile in XLA for long tiles).
@@ -379,9 +383,9 @@ class _Consts(NamedTuple):
     c1gd: Any  # d/dw of (g - 1) g
 
 
-def _consts(w_ref, u_ref, cmask) -> _Consts:
-    w2 = _load(w_ref, (slice(None),), cmask) * _LOG2E
-    u2 = _load(u_ref, (slice(None),), cmask) * _LOG2E if u_ref is not None else jnp.zeros_like(w2)
+def _consts(plan: _Plan, wu_ref, cmask) -> _Consts:
+    """From the rows w, u of ``wu_ref`` (one (2, block_c) read: every memory operation adds to Triton's compile)."""
+    w2, u2 = (x * _LOG2E for x in _load_fields(plan, wu_ref, None, 2, cmask))
     r, g = _exp2(-w2), _exp2(w2)
     return _Consts(w2, u2, r, g, _exp2(u2), g - 1.0, (g - 1.0) * g, (2.0 * g - 1.0) * g)
 
@@ -866,17 +870,17 @@ class _LazyRows:
 
 
 class _RowWriter:
-    """Compiled: rows of one or more token arrays written in blocks of _ROW_BLOCK rows once complete."""
+    """Compiled: rows of one or more token arrays written in blocks of ``block`` rows once complete."""
 
-    def __init__(self, plan: _Plan, refs, t0, end, cmask):
-        self.args, self.refs, self.pending = (plan, t0, end, cmask), refs, {}
+    def __init__(self, plan: _Plan, refs, t0, end, cmask, block: int = _ROW_BLOCK):
+        self.args, self.refs, self.pending, self.block = (plan, t0, end, cmask), refs, {}, block
 
     def put(self, i: int, value) -> None:
         plan, t0, end, cmask = self.args
-        blk = i // _ROW_BLOCK
+        blk = i // self.block
         rows = self.pending.setdefault(blk, {})
         rows[i] = value
-        lo, hi = blk * _ROW_BLOCK, min((blk + 1) * _ROW_BLOCK, plan.rows)
+        lo, hi = blk * self.block, min((blk + 1) * self.block, plan.rows)
         if len(rows) == hi - lo:
             values = [rows[j] for j in range(lo, hi)]
             for n, ref in enumerate(self.refs):
@@ -893,11 +897,11 @@ def _late_rows(plan: _Plan, ref, t0, end, cmask, other=0.0, fn=None, block: int 
     return _LazyRows(plan, ref, t0, end, cmask, other, fn, block)
 
 
-def _out_rows(plan: _Plan, refs, t0, end, cmask, like):
+def _out_rows(plan: _Plan, refs, t0, end, cmask, like, block: int = _ROW_BLOCK):
     """Where a sweep puts its output rows: an array carried through the loop, or a _RowWriter."""
     if plan.looped:
         return _seq_new(plan, like)
-    return _RowWriter(plan, refs, t0, end, cmask)
+    return _RowWriter(plan, refs, t0, end, cmask, block)
 
 
 def _flush_rows(plan: _Plan, refs, t0, end, cmask, rows) -> None:
@@ -923,18 +927,22 @@ def _load_tile(plan: _Plan, k_ref, v_ref, tau, cmask):
 
 
 def _load_fields(plan: _Plan, ref, pos, nfields: int, mask) -> list:
-    """Fields 0 .. nfields - 1 of row ``pos`` of a (rows, fields, block_c) state block (0 where masked)."""
+    """Fields 0 .. nfields - 1 of row ``pos`` of a (rows, fields, block_c) state block (0 where masked); pos None:
+    of a (fields, block_c) block."""
+    prefix = () if pos is None else (pos,)
     if plan.interpret:
-        return [_load(ref, (pos, f, slice(None)), mask) for f in range(nfields)]
-    return _load_block(plan, ref, 0, nfields, lambda f: f < nfields, mask, prefix=(pos,))
+        return [_load(ref, prefix + (f, slice(None)), mask) for f in range(nfields)]
+    return _load_block(plan, ref, 0, nfields, lambda f: f < nfields, mask, prefix=prefix)
 
 
 def _store_fields(plan: _Plan, ref, pos, fields: list, mask) -> None:
+    """Counterpart of _load_fields: one store of all fields."""
+    prefix = () if pos is None else (pos,)
     if plan.interpret:
         for f, x in enumerate(fields):
-            _store(ref, (pos, f, slice(None)), x, mask)
+            _store(ref, prefix + (f, slice(None)), x, mask)
         return
-    _store_block(plan, ref, 0, fields, lambda f: f < len(fields), mask, prefix=(pos,))
+    _store_block(plan, ref, 0, fields, lambda f: f < len(fields), mask, prefix=prefix)
 
 
 def _sums_from(fields, sizes, mask) -> list:
@@ -974,53 +982,69 @@ def _loop(count: int, body, init):
     return lax.fori_loop(0, count, body, init)
 
 
-def _scan_segments(plan: _Plan, s, load, left_term, right_term, zeros, nvals):
-    """Merge the totals of the other segments: ``left_term(s2, total)`` for s2 < s, ``right_term`` for s2 > s."""
+def _scan_segments(plan: _Plan, seg_ref, s, cmask, w2, sizes: tuple, left: int, right: int, keep: int | None = None):
+    """The other segments' totals merged into segment s, from ``seg_ref`` (per segment: _Sums of ``sizes`` values).
+
+    Sum ``left`` of each segment s2 < s (held at the first token of segment s2 + 1) arrives at segment s's first
+    token, sum ``right`` of each s2 > s (held at the token before segment s2) at its last token; both decay
+    towards s. ``keep``: only the last ``keep`` values of each sum. Returns (from the left, from the right).
+    """
     n = plan.num_segments
-    acc = (_empty_sum(zeros, nvals), _empty_sum(zeros, nvals))
+    zeros = jnp.zeros_like(w2)
+    acc = (_empty_sum(zeros, keep or sizes[left]), _empty_sum(zeros, keep or sizes[right]))
     if n == 1:
         return acc
+    first = [sum(1 + size for size in sizes[:j]) for j in range(len(sizes))]  # field of each sum's reference
+    spans = ((first[left], 1 + sizes[left]), (first[right], 1 + sizes[right]))
+
+    def load(sl, sr):
+        """Sum ``left`` of segment sl and sum ``right`` of segment sr: one read when compiled (each memory
+        operation adds to Triton's compile time)."""
+        oks = (sl >= 0, sr < n)
+        poss = (jnp.clip(sl, 0, n - 1), jnp.clip(sr, 0, n - 1))
+        if plan.interpret:
+            parts = [[_load(seg_ref, (pos, f0 + f, slice(None)), cmask & ok) for f in range(cnt)]
+                     for pos, ok, (f0, cnt) in zip(poss, oks, spans)]
+        else:
+            (f0, n0), (f1, n1) = spans
+            _, rows, lanes = _block_index(plan, 0, n0 + n1, plan.block_c)
+            lower = rows < n0
+            pick = lambda a, b: lax.select(lower, jnp.full_like(rows, a), jnp.full_like(rows, b))  # noqa: E731
+            mask = (rows < n0 + n1) & lax.select(lower, jnp.broadcast_to(oks[0], rows.shape),
+                                                  jnp.broadcast_to(oks[1], rows.shape)) & cmask[None, :]
+            fields = _rows_split(_load(seg_ref, (pick(*poss), rows + pick(f0, f1 - n0), lanes), mask), n0 + n1,
+                                 plan.block_c)
+            parts = [fields[:n0], fields[n0:]]
+        sums = [_sums_from(part, (cnt - 1,), cmask & ok)[0] for part, ok, (_, cnt) in zip(parts, oks, spans)]
+        return [a if keep is None else _Sum(a.ref, a.vals[-keep:]) for a in sums]
+
+    nxt = plan.seg_start(s + 1)
 
     def body(i, acc):
         lo, hi = acc
         sl, sr = s - 1 - i, s + 1 + i
-        lo = _merge(lo, left_term(sl, load(sl, 0, sl >= 0)))
-        hi = _merge(hi, right_term(sr, load(sr, 1, sr < n)))
+        a, b = load(sl, sr)
+        lo = _merge(lo, _shift(a, plan.seg_start(s) - plan.seg_start(sl + 1), w2, -1))
+        hi = _merge(hi, _shift(b, plan.seg_start(sr) - nxt, w2, -1))
         return lo, hi
 
     return lax.fori_loop(0, n - 1, body, acc)
 
 
+def _fwd_scan(plan: _Plan, seg_ref, s, cmask, w2, nv: int):
+    """P entering segment s (at its first token) and F entering from the right (at its last token); per segment
+    the forward summary stores P_tot (P at the first token of the next segment) and F_tot (F at the token
+    before the segment)."""
+    return _scan_segments(plan, seg_ref, s, cmask, w2, (2, 2), 0, 1, keep=nv)
+
+
 # ------------------------------------------------------------------------------------------ forward kernels
 
 
-def _fwd_scan(plan: _Plan, seg_ref, s, cmask, w2, nv: int):
-    """P entering segment s (at its first token) and F entering from the right (at its last token)."""
-    zeros = jnp.zeros_like(w2)
-    nxt = plan.seg_start(s + 1)
-
-    def load(s2, side, ok):
-        mask = cmask & ok
-        fields = _load_fields(plan, seg_ref, jnp.clip(s2, 0, plan.num_segments - 1), 6, mask)
-        p, f = _sums_from(fields, (2, 2), mask)
-        return p if side == 0 else f
-
-    # P_tot(s2) is P at the first token of segment s2 + 1; F_tot(s2) is F at the token before segment s2.
-    def left_term(s2, p):
-        p = _shift(p, plan.seg_start(s) - plan.seg_start(s2 + 1), w2, -1)
-        return p if nv == 2 else _Sum(p.ref, p.vals[1:])
-
-    def right_term(s2, f):
-        f = _shift(f, (plan.seg_start(s2) - 1) - (nxt - 1), w2, -1)
-        return f if nv == 2 else _Sum(f.ref, f.vals[1:])
-
-    return _scan_segments(plan, s, load, left_term, right_term, zeros, nv)
-
-
-def _fwd_summary_kernel(plan: _Plan, w_ref, k_ref, v_ref, seg_ref, *sub_refs):
+def _fwd_summary_kernel(plan: _Plan, wu_ref, k_ref, v_ref, seg_ref, *sub_refs):
     s = pl.program_id(2)
     cmask = _channel_mask(plan, pl.program_id(1))
-    c = _consts(w_ref, None, cmask)
+    c = _consts(plan, wu_ref, cmask)
     zeros = jnp.zeros_like(c.w2)
     q = plan.tiles_per_segment
     nxt = plan.seg_start(s + 1)
@@ -1052,14 +1076,14 @@ def _future(plan: _Plan, s, tau, t0, f_in: _Sum, sub_ref, cmask, w2, nv: int) ->
     return fut
 
 
-def _fwd_output_kernel(plan: _Plan, save: bool, w_ref, u_ref, k_ref, v_ref, seg_ref, *refs):
+def _fwd_output_kernel(plan: _Plan, save: bool, wu_ref, k_ref, v_ref, seg_ref, *refs):
     refs = list(refs)
     sub_ref = refs.pop(0) if plan.tiles_per_segment > 1 else None
     y_ref = refs.pop(0)
     lsub_ref = refs.pop(0) if save and plan.tiles_per_segment > 1 else None
     s = pl.program_id(2)
     cmask = _channel_mask(plan, pl.program_id(1))
-    c = _consts(w_ref, u_ref, cmask)
+    c = _consts(plan, wu_ref, cmask)
     zeros = jnp.zeros_like(c.w2)
     q = plan.tiles_per_segment
     p_in, f_in = _fwd_scan(plan, seg_ref, s, cmask, c.w2, 2)
@@ -1087,34 +1111,21 @@ def _fwd_output_kernel(plan: _Plan, save: bool, w_ref, u_ref, k_ref, v_ref, seg_
 
 
 def _bwd_scan(plan: _Plan, seg_ref, s, cmask, w2):
-    """P' entering segment s from the right (at its last token) and F' from the left (at its first token)."""
-    zeros = jnp.zeros_like(w2)
-
-    def load(s2, side, ok):
-        mask = cmask & ok
-        fields = _load_fields(plan, seg_ref, jnp.clip(s2, 0, plan.num_segments - 1), 10, mask)
-        pp, fp = _sums_from(fields, (4, 4), mask)
-        return fp if side == 0 else pp
-
-    # P'_tot(s2) is at the token before segment s2; F'_tot(s2) at the first token of segment s2 + 1.
-    def left_term(s2, fp):
-        return _shift(fp, plan.seg_start(s) - plan.seg_start(s2 + 1), w2, -1)
-
-    def right_term(s2, pp):
-        return _shift(pp, (plan.seg_start(s2) - 1) - (plan.seg_start(s + 1) - 1), w2, -1)
-
-    fp_in, pp_in = _scan_segments(plan, s, load, left_term, right_term, zeros, 4)
+    """P' entering segment s from the right (at its last token) and F' from the left (at its first token); per
+    segment the backward summary stores P'_tot (at the token before the segment) and F'_tot (at the first token
+    of the next segment)."""
+    fp_in, pp_in = _scan_segments(plan, seg_ref, s, cmask, w2, (4, 4), 1, 0)
     return pp_in, fp_in
 
 
-def _bwd_summary_kernel(plan: _Plan, w_ref, u_ref, k_ref, g_ref, y_ref, fseg_ref, *refs):
+def _bwd_summary_kernel(plan: _Plan, wu_ref, k_ref, g_ref, y_ref, fseg_ref, *refs):
     refs = list(refs)
     fsub_ref = refs.pop(0) if plan.tiles_per_segment > 1 else None
     seg_ref = refs.pop(0)
     fpsub_ref = refs.pop(0) if plan.tiles_per_segment > 1 else None
     s = pl.program_id(2)
     cmask = _channel_mask(plan, pl.program_id(1))
-    c = _consts(w_ref, u_ref, cmask)
+    c = _consts(plan, wu_ref, cmask)
     zeros = jnp.zeros_like(c.w2)
     q = plan.tiles_per_segment
     start = plan.seg_start(s)
@@ -1140,14 +1151,14 @@ def _bwd_summary_kernel(plan: _Plan, w_ref, u_ref, k_ref, g_ref, y_ref, fseg_ref
     _store_fields(plan, seg_ref, s, _fields_of(ptot, fprime), cmask)
 
 
-def _bwd_output_kernel(plan: _Plan, w_ref, u_ref, k_ref, v_ref, g_ref, fseg_ref, bseg_ref, *refs):
+def _bwd_output_kernel(plan: _Plan, wu_ref, k_ref, v_ref, g_ref, fseg_ref, bseg_ref, *refs):
     refs = list(refs)
     q = plan.tiles_per_segment
     lsub_ref, fpsub_ref = (refs.pop(0), refs.pop(0)) if q > 1 else (None, None)
-    dk_ref, dv_ref, dw_ref, du_ref = refs
+    dk_ref, dv_ref, dwu_ref = refs
     s = pl.program_id(2)
     cmask = _channel_mask(plan, pl.program_id(1))
-    c = _consts(w_ref, u_ref, cmask)
+    c = _consts(plan, wu_ref, cmask)
     zeros = jnp.zeros_like(c.w2)
     p_in, f_in = _fwd_scan(plan, fseg_ref, s, cmask, c.w2, 2)
     pp_in, fp_in = _bwd_scan(plan, bseg_ref, s, cmask, c.w2)
@@ -1161,7 +1172,7 @@ def _bwd_output_kernel(plan: _Plan, w_ref, u_ref, k_ref, v_ref, g_ref, fseg_ref,
         jj = q - 1 - jj_rev  # tiles right to left
         tau = s * q + jj
         t0, end, tile = _load_tile(plan, k_ref, v_ref, tau, cmask)
-        gs = _late_rows(plan, g_ref, t0, end, cmask)
+        gs = _late_rows(plan, g_ref, t0, end, cmask, block=plan.rows)
         fprime = _shift(fp_in, t0 - start, c.w2, -1)
         if lsub_ref is not None:
             left = _left_from(plan, _load_fields(plan, lsub_ref, tau, _left_size(plan, 2), cmask), cmask, 2)
@@ -1172,8 +1183,9 @@ def _bwd_output_kernel(plan: _Plan, w_ref, u_ref, k_ref, v_ref, g_ref, fseg_ref,
         reload = None
         if not plan.looped:
             def reload(kappa):  # e and e v again, from k and v reread as the reverse sweep reaches them
-                es = _late_rows(plan, k_ref, t0, end, cmask, -jnp.inf, lambda k: _exp2(k * _LOG2E - kappa))
-                vs = _late_rows(plan, v_ref, t0, end, cmask)
+                es = _late_rows(plan, k_ref, t0, end, cmask, -jnp.inf, lambda k: _exp2(k * _LOG2E - kappa),
+                                block=plan.rows)
+                vs = _late_rows(plan, v_ref, t0, end, cmask, block=plan.rows)
                 def row(i, dep):
                     # The reread's lane index is multiplied by (dep == dep), a 1 that depends on the reverse
                     # sweep's carry: otherwise the compiler reuses the first read's addresses and keeps two
@@ -1183,7 +1195,7 @@ def _bwd_output_kernel(plan: _Plan, w_ref, u_ref, k_ref, v_ref, g_ref, fseg_ref,
                     return es[i], es[i] * vs[i]
                 return row
 
-        outs = _out_rows(plan, (dk_ref, dv_ref), t0, end, cmask, (zeros, zeros))
+        outs = _out_rows(plan, (dk_ref, dv_ref), t0, end, cmask, (zeros, zeros), block=plan.rows)
         outs, first, right, dw_t, du_t = _bwd_tile(plan, c, tile, gs, left, fut, fprime, right, jj, reload, outs)
         _flush_rows(plan, (dk_ref, dv_ref), t0, end, cmask, outs)
         # Carry F and the transposed sums to the previous tile's last row.
@@ -1201,8 +1213,7 @@ def _bwd_output_kernel(plan: _Plan, w_ref, u_ref, k_ref, v_ref, g_ref, fseg_ref,
     empty4 = _empty_sum(zeros, 4)
     right0 = (pr0, empty4, empty4) if split else (pr0, None, None)
     _, _, dw, du = _loop(q, body, (fut0, right0, zeros, zeros))
-    _store(dw_ref, (s, slice(None)), dw, cmask)
-    _store(du_ref, (s, slice(None)), du, cmask)
+    _store_fields(plan, dwu_ref, s, [dw, du], cmask)
 
 
 # --------------------------------------------------------------------------------------------- pallas_calls
@@ -1232,9 +1243,8 @@ class _Specs:
 
     def __init__(self, plan: _Plan):
         bc = plan.block_c
-        self.channel = pl.BlockSpec((bc,), lambda b, c, s: (c,))
+        self.decays = pl.BlockSpec((2, bc), lambda b, c, s: (0, c))  # rows w, u
         self.tokens = pl.BlockSpec((None, plan.tokens, bc), lambda b, c, s: (b, 0, c))
-        self.per_segment = pl.BlockSpec((None, plan.num_segments, bc), lambda b, c, s: (b, 0, c))
 
         def states(rows, fields):
             return pl.BlockSpec((None, rows, fields, bc), lambda b, c, s: (b, 0, 0, c))
@@ -1256,15 +1266,16 @@ def _forward(plan: _Plan, w, u, k, v, save: bool):
     if many:
         outs.append(sp.states(nt, 3))
         shapes.append(_f32(b, nt, 3, c))
-    summ = _call(plan, _fwd_summary_kernel, [sp.channel, sp.tokens, sp.tokens], outs, shapes, w, k, v)
-    in_specs = [sp.channel, sp.channel, sp.tokens, sp.tokens] + outs
+    wu = jnp.stack([w, u])
+    summ = _call(plan, _fwd_summary_kernel, [sp.decays, sp.tokens, sp.tokens], outs, shapes, wu, k, v)
+    in_specs = [sp.decays, sp.tokens, sp.tokens] + outs
     out_specs, out_shapes = [sp.tokens], [jax.ShapeDtypeStruct(k.shape, k.dtype)]
     if save and many:
         nl = _left_size(plan, 2)
         out_specs.append(sp.states(nt, nl))
         out_shapes.append(_f32(b, nt, nl, c))
     outs = _call(plan, functools.partial(_fwd_output_kernel, save), in_specs, out_specs, out_shapes,
-                 w, u, k, v, *summ)
+                 wu, k, v, *summ)
     return outs[0], tuple(summ) + tuple(outs[1:])
 
 
@@ -1278,18 +1289,19 @@ def _backward(plan: _Plan, w, u, k, v, y, fwd_sums, g):
     if many:
         outs.append(sp.states(nt, 5))
         shapes.append(_f32(b, nt, 5, c))
-    summ = _call(plan, _bwd_summary_kernel, [sp.channel, sp.channel, sp.tokens, sp.tokens, sp.tokens] + fwd_specs,
-                 outs, shapes, w, u, k, g, y, *([fseg, fsub] if many else [fseg]))
-    in_specs = [sp.channel, sp.channel, sp.tokens, sp.tokens, sp.tokens, fwd_specs[0], outs[0]]
-    args = [w, u, k, v, g, fseg, summ[0]]
+    wu = jnp.stack([w, u])
+    summ = _call(plan, _bwd_summary_kernel, [sp.decays, sp.tokens, sp.tokens, sp.tokens] + fwd_specs,
+                 outs, shapes, wu, k, g, y, *([fseg, fsub] if many else [fseg]))
+    in_specs = [sp.decays, sp.tokens, sp.tokens, sp.tokens, fwd_specs[0], outs[0]]
+    args = [wu, k, v, g, fseg, summ[0]]
     if many:
         in_specs += [sp.states(nt, _left_size(plan, 2)), outs[1]]
         args += [lsub, summ[1]]
-    out_specs = [sp.tokens, sp.tokens, sp.per_segment, sp.per_segment]
-    shapes = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
-              _f32(b, ns, c), _f32(b, ns, c)]
-    dk, dv, dw, du = _call(plan, _bwd_output_kernel, in_specs, out_specs, shapes, *args)
-    return dw.sum(axis=(0, 1)), du.sum(axis=(0, 1)), dk, dv
+    out_specs = [sp.tokens, sp.tokens, sp.states(ns, 2)]
+    shapes = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype), _f32(b, ns, 2, c)]
+    dk, dv, dwu = _call(plan, _bwd_output_kernel, in_specs, out_specs, shapes, *args)
+    dw, du = dwu.sum(axis=(0, 1))
+    return dw, du, dk, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

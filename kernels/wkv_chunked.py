@@ -43,13 +43,14 @@ comes out exactly as the maximum of the pieces' maxima (within a tile by log-ste
 
 Exponent range. A tile's scaled keys span its range of k_j +- w j, at most spread(k) + |w| (L - 1). Where that
 exceeds ``safe_range`` (60 in float32, 600 in float64) anywhere, a key some query depends on could flush to zero,
-so the whole call runs the same computation with tiles of one token instead (``lax.cond``; every exponent is then
-exact and only the scans over tiles remain; rematerialised, so that it costs no memory unless taken). Tile
+so the whole call runs again with the intra-tile sums taken row by row (``tile_output_exact``, picked by a
+``lax.cond``; every exponent is then exact; rematerialised, so that it costs no memory unless taken). Tile
 summaries never depend on the range: each is a sum referenced to its own largest term.
 
-Loops: none over tokens. The lowered forward and gradient hold only ``fori_loop``s of log2(L) steps (running
-maxima) and log2(P) steps (the scans over tiles). Gradients: hand-written VJPs of the two tile functions
-(also what the Mosaic kernels' backward passes run), autodiff through ``combine``.
+Loops: none over tokens. The lowered forward and gradient hold only loops of at most L steps (column and
+running maxima row by row in XLA, log2(L) doublings in a Mosaic kernel; the exact fallback's rows) and log2(P)
+steps (the scans over tiles). Gradients: hand-written VJPs of the two tile functions (also what the Mosaic
+kernels' backward passes run), autodiff through ``combine``.
 """
 
 from __future__ import annotations
@@ -233,10 +234,16 @@ def _matmul(mask: jax.Array, x: jax.Array) -> jax.Array:
     return jnp.einsum("ij,j...->i...", mask, x, precision=_HIGHEST, preferred_element_type=x.dtype)
 
 
-def _colmax(x: jax.Array, where: jax.Array | None = None) -> jax.Array:
+def _colmax(x: jax.Array, where: jax.Array | None = None, *, loop: bool = False) -> jax.Array:
+    """Maximum over the rows, (L, ..., C) -> (1, ..., C). ``loop``: as a ``fori_loop`` over the L rows (XLA:CPU
+    runs a reduction over the leading axis several times slower than L row maxima in a loop, and would fuse an
+    unrolled one into every consumer)."""
     if where is not None:
         x = jnp.where(where, x, _EMPTY)
-    return jnp.max(x, axis=0, keepdims=True)
+    if not loop or x.shape[0] == 1:
+        return jnp.max(x, axis=0, keepdims=True)
+    row = lambda i: lax.dynamic_index_in_dim(x, i, 0, keepdims=True)
+    return lax.fori_loop(1, x.shape[0], lambda i, top: jnp.maximum(top, row(i)), x[:1])
 
 
 def _colsum(x: jax.Array) -> jax.Array:
@@ -297,17 +304,18 @@ class _Keys(NamedTuple):
     down_scaled: jax.Array
 
 
-def _keys(t: _Tile, w: jax.Array) -> _Keys:
+def _keys(t: _Tile, w: jax.Array, spec: TileSpec) -> _Keys:
     up = jnp.where(t.present, t.k + w * t.pos, _EMPTY)
     down = jnp.where(t.present, t.k - w * t.pos, _EMPTY)
-    up_max, down_max = _sg(_colmax(up)), _sg(_colmax(down))
+    loop = not spec.unroll
+    up_max, down_max = _sg(_colmax(up, loop=loop)), _sg(_colmax(down, loop=loop))
     scaled = lambda e, top: jnp.where(t.present, jnp.exp(e - top), 0.0)
     return _Keys(up, down, up_max, down_max, scaled(up, up_max), scaled(down, down_max))
 
 
-def _span(t: _Tile, keys: _Keys) -> jax.Array:
+def _span(t: _Tile, keys: _Keys, spec: TileSpec) -> jax.Array:
     """The tile's range of k_j + w j and of k_j - w j (the scaled keys' span), 0 for a tile of padding."""
-    low = lambda e: -_colmax(-e, t.present)
+    low = lambda e: -_colmax(-e, t.present, loop=not spec.unroll)
     span = jnp.maximum(keys.up_max - low(keys.up), keys.down_max - low(keys.down))
     return jnp.where(t.length > 0, span, 0.0)
 
@@ -355,7 +363,7 @@ def _summary_parts(t: _Tile, keys: _Keys, w: jax.Array, rows: TileRows, spec: Ti
         else:
             # Its own reference and exponentials, so that the sum is exact whatever the tile's range.
             mask = t.present if mask is None else mask
-            ref = _sg(_colmax(exponent + w * offset, mask))
+            ref = _sg(_colmax(exponent + w * offset, mask, loop=not spec.unroll))
             q = jnp.where(mask, jnp.exp(jnp.where(mask, exponent + w * offset - ref, 0.0)), 0.0)
         parts.append((ref, q, sign * t.pos + offset))
     return parts, start
@@ -366,14 +374,14 @@ def tile_summary(k: jax.Array, v: jax.Array, w: jax.Array, rows: TileRows, spec:
     compute dtype, w (1, C). Official fields P, C, R (ref, a, b each), S (a maximum), F, range; paper P, F, range.
     The references (and S, range) are constants for differentiation."""
     t = _tile(k, v, rows, spec)
-    keys = _keys(t, w)
+    keys = _keys(t, w, spec)
     parts, start = _summary_parts(t, keys, w, rows, spec)
     out = []
     for ref, q, _ in parts:
         out += [ref, _colsum(q * t.v), _colsum(q)]
     if start is not None:
-        out.insert(9, _sg(_colmax(keys.down + w * start[0], start[1])))
-    out.append(_sg(_span(t, keys)))
+        out.insert(9, _sg(_colmax(keys.down + w * start[0], start[1], loop=not spec.unroll)))
+    out.append(_sg(_span(t, keys, spec)))
     return tuple(out)
 
 
@@ -383,7 +391,7 @@ def tile_summary_vjp(
     """(dk, dv, dw) of ``tile_summary`` for the cotangents of its fields (only the a, b fields count); dw per
     tile (1, ..., C)."""
     t = _tile(k, v, rows, spec)
-    parts, _ = _summary_parts(t, _keys(t, w), w, rows, spec)
+    parts, _ = _summary_parts(t, _keys(t, w, spec), w, rows, spec)
     at = [0, 3, 6, 10] if spec.official else [0, 3]
     dk = dv = dw_rows = jnp.zeros_like(t.k)
     for (_, q, c), i in zip(parts, at):
@@ -394,6 +402,17 @@ def tile_summary_vjp(
 
 
 # ----------------------------------------------------------------------------------------------- tile output
+
+
+def _cummax(xs: tuple[jax.Array, ...], reverse: bool) -> tuple[jax.Array, ...]:
+    """Inclusive running maxima over the rows (axis 0) of each array, from the last row with ``reverse``."""
+
+    def step(top, rows):
+        top = tuple(jnp.maximum(a, b) for a, b in zip(top, rows))
+        return top, top
+
+    _, out = lax.scan(step, tuple(x[-1] if reverse else x[0] for x in xs), xs, reverse=reverse)
+    return out
 
 
 def _running_maxima(up: jax.Array, down: jax.Array, w: jax.Array, t: _Tile, rows: TileRows, spec: TileSpec):
@@ -433,7 +452,13 @@ def _running_maxima(up: jax.Array, down: jax.Array, w: jax.Array, t: _Tile, rows
         future = jnp.maximum(future, jnp.where(row + shift < size, ahead, _EMPTY))
         return plain, own, grown, future
 
-    plain, own, grown, future = _doubling(step, (plain, own, grown, future), size, spec.unroll)
+    if spec.unroll or segmented:
+        plain, own, grown, future = _doubling(step, (plain, own, grown, future), size, spec.unroll)
+    else:
+        # XLA, one chunk per tile: running maxima row by row (a loop of L steps on whole rows costs less than
+        # log2(L) doublings, each a pass over the tile with a rotated copy).
+        plain, grown = _cummax((plain, grown), reverse=False)
+        (future,) = _cummax((future,), reverse=True)
     if size == 1:
         empty = jnp.full_like(up, _EMPTY)
         return empty, grown, empty
@@ -523,7 +548,7 @@ def _top(t: _Tile, keys: _Keys, w, u, incoming, rows: TileRows, spec: TileSpec) 
 
 def _output_terms(k, v, w, u, incoming, rows: TileRows, spec: TileSpec, top: jax.Array | None = None) -> _Output:
     t = _tile(k, v, rows, spec)
-    keys = _keys(t, w)
+    keys = _keys(t, w, spec)
     if top is None:
         top = _top(t, keys, w, u, incoming, rows, spec)
     pos, last = t.pos, t.length - 1.0
@@ -634,7 +659,7 @@ def _output_forward(k, v, w, u, incoming, rows: TileRows, spec: TileSpec) -> tup
     """``tile_output`` and what ``tile_output_vjp`` can reuse instead of recomputing (the reference top and the
     sums)."""
     t = _tile(k, v, rows, spec)
-    top = _top(t, _keys(t, w), w, u, incoming, rows, spec)
+    top = _top(t, _keys(t, w, spec), w, u, incoming, rows, spec)
     sums = _num_den(_output_terms(k, v, w, u, incoming, rows, spec, top), w, incoming, spec)
     return sums.num / sums.den, (top, sums)
 
@@ -687,7 +712,7 @@ def tile_output_exact(k, v, w, u, incoming, rows: TileRows, spec: TileSpec) -> j
     row by row (``lax.scan`` over the L rows, every tile and channel at once) as exact log-domain sums started
     from the incoming states, like ``impl="scan"`` within each tile. XLA only (differentiated by autodiff)."""
     t = _tile(k, v, rows, spec)
-    top = _top(t, _keys(t, w), w, u, incoming, rows, spec)
+    top = _top(t, _keys(t, w, spec), w, u, incoming, rows, spec)
     w_all, w = w, w.reshape(w.shape[-1])  # per channel, to broadcast against one row (..., C)
     like = t.k[0]
     empty = _Sum(jnp.full_like(like, _EMPTY), jnp.zeros_like(like), jnp.zeros_like(like))
@@ -919,8 +944,25 @@ _output.defvjp(_output_fwd, _output_bwd)
 @functools.partial(jax.jit, static_argnames=("official", "tile", "compute_dtype", "aligned"))
 def _chunked(w, u, k, v, *, official: bool, tile: int, compute_dtype: Any, aligned: bool = True) -> jax.Array:
     """The XLA chunked form. ``aligned=False`` runs the Mosaic kernel's contiguous tiles and per-tile masks, one
-    (L, C) block at a time under vmap (a check of the kernel's arithmetic without Pallas)."""
-    out_dtype, (batch, tokens, channels) = k.dtype, k.shape
+    (L, C) block at a time under vmap (a check of the kernel's arithmetic without Pallas).
+
+    Where some tile's keys span more exponent range than the float type holds, the whole call runs again with the
+    intra-tile sums taken row by row (rare; exact). The fast result is computed either way and the ``lax.cond``
+    only picks: operands of a cond are materialised in a fixed layout and its branches are compiled apart from
+    the rest, which with the fast path inside made XLA:CPU's forward about twice as slow."""
+    args = dict(official=official, tile=tile, compute_dtype=compute_dtype, aligned=aligned)
+    y, in_range = _tiled(w, u, k, v, exact=False, **args)
+    if in_range is not None:
+        exact = jax.checkpoint(lambda a: _tiled(*a, exact=True, **args)[0])  # recomputed, not stored, for grads
+        y = lax.cond(in_range, lambda y, a: y, lambda y, a: exact(a), y, (w, u, k, v))
+    return y.astype(k.dtype)
+
+
+def _tiled(w, u, k, v, *, official: bool, tile: int, compute_dtype: Any, aligned: bool, exact: bool):
+    """(y (B, T, C) in the compute dtype, whether every tile's range is safe (None for tiles of one row)).
+    ``exact``: intra-tile sums row by row (``tile_output_exact``); else the fast form, whose gradient is dropped
+    where the range is not safe (it may then not be finite)."""
+    batch, tokens, channels = k.shape
     layout = aligned_layout(tokens, tile, official) if aligned else contiguous_layout(tokens, tile, official)
     spec = TileSpec(official=official, tile=layout.tile, safe=safe_range(compute_dtype), aligned=layout.aligned)
     w, u = (x.astype(compute_dtype)[None, :] for x in (w, u))
@@ -933,10 +975,10 @@ def _chunked(w, u, k, v, *, official: bool, tile: int, compute_dtype: Any, align
         rows = TileRows(*(jnp.asarray(x) for x in (count, lo, rlo)), None, None)
         summary = lambda k, v, w: _summary(k, v, w, rows, spec)
         output = lambda k, v, w, u, incoming: _output(k, v, w, u, incoming, rows, spec)
-        exact = lambda k, v, w, u, incoming: tile_output_exact(k, v, w, u, incoming, rows, spec)
+        exact_output = lambda k, v, w, u, incoming: tile_output_exact(k, v, w, u, incoming, rows, spec)
         squeeze, expand = (lambda x: x[0]), (lambda x: x[None])
     else:
-        summary, output, exact = _vmapped_blocks(spec, layout)
+        summary, output, exact_output = _vmapped_blocks(spec, layout)
         squeeze, expand = (lambda x: x[:, :, 0]), (lambda x: x[:, :, None])
 
     fields = tuple(squeeze(x) for x in summary(kt, vt, w))  # each (B, P, C)
@@ -944,15 +986,34 @@ def _chunked(w, u, k, v, *, official: bool, tile: int, compute_dtype: Any, align
     incoming = combine(fields[:-1], w[0], official=official, lengths=layout.count, resets=layout.resets)
     incoming = tuple(expand(x) for x in incoming)
     operands = (kt, vt, w, u, incoming)
-    if layout.tile == 1:
+    in_range = None
+    if exact and layout.tile > 1:
+        y = exact_output(*operands)
+    elif layout.tile == 1:
         y = output(*operands)
     else:
-        # Tiles whose keys span more than the float range allows run row by row instead (rare; exact).
         in_range = jnp.all(fields[-1] <= spec.safe)
-        y = lax.cond(in_range, lambda a: output(*a), jax.checkpoint(lambda a: exact(*a)), operands)
+        y = output(*_gate(in_range, operands))
     if layout.aligned:
         y = jnp.moveaxis(y, 0, 2)
-    return from_tiles(y, layout, tokens).astype(out_dtype)
+    return from_tiles(y, layout, tokens), in_range
+
+
+@jax.custom_vjp
+def _gate(flag: jax.Array, x: Any) -> Any:
+    """x, whose cotangents pass where ``flag`` (a scalar bool) holds and are 0 (even if not finite) elsewhere."""
+    return x
+
+
+def _gate_fwd(flag, x):
+    return x, flag
+
+
+def _gate_bwd(flag, g):
+    return None, jax.tree.map(lambda d: jnp.where(flag, d, jnp.zeros_like(d)), g)
+
+
+_gate.defvjp(_gate_fwd, _gate_bwd)
 
 
 def _vmapped_blocks(spec: TileSpec, layout: Layout):

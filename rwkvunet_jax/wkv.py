@@ -56,9 +56,11 @@ Implementations (``impl``):
   the Triton kernel ``rwkvunet_jax.kernels.bi_wkv.bi_wkv_pallas`` on CUDA/ROCm, the Mosaic kernel of the
   chunked form ``rwkvunet_jax.kernels.bi_wkv_tpu.bi_wkv_tpu`` on TPU (float32/bfloat16), and elsewhere the
   Triton kernel in interpret mode (``interpret=True`` forces that everywhere).
-* ``"auto"``: ``"pallas"`` on GPU and TPU backends when the kernel imports; on CPU ``"scan"``: on 2 CPU cores
-  (C = 576, B = 1, ``benchmarks/wkv.py``) the chunked form's forward took 1.05x (T = 196, 784) to 2.4x
-  (T = 3136, 12544) the scan's time, forward+backward 0.6x to 1.2x (1.2x at T = 784).
+* ``"auto"``: ``"pallas"`` on GPU and TPU backends when the kernel imports; on CPU ``"scan"``: on 2 shared CPU
+  cores (C = 576, B = 1, float32, official; median of 3 side-by-side runs) the chunked form took 0.76x, 1.8x,
+  1.5x, 1.3x the scan's time for the forward at T = 196, 784, 3136, 12544, and 1.9x, 0.92x, 1.24x, 1.23x for
+  forward+backward: faster only at T = 784 with gradients (by less than the run-to-run spread) and at T = 196
+  forward-only.
 
 Gradients: the largest exponent o_t only sets the scale of EPS, and it is held constant for differentiation
 (``stop_gradient``) in every implementation, so gradients agree across implementations.
