@@ -74,7 +74,8 @@ def test_host_local_batch_must_split_over_local_devices():
 
 @pytest.fixture(scope="module")
 def eight_device_results(tmp_path_factory):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     out = tmp_path_factory.mktemp("sharding") / "results.json"
     proc = subprocess.run([sys.executable, __file__, str(out)], env=env, cwd=REPO, capture_output=True, text=True,
                           timeout=1200)  # minutes on a loaded 2-core machine
