@@ -80,7 +80,7 @@ from rwkvunet_jax.kernels.wkv_chunked import bi_wkv_chunked
 from rwkvunet_jax.kernels.wkv_spec import EMPTY_EXPONENT as _EMPTY
 from rwkvunet_jax.kernels.wkv_spec import EPS, NUM_CHUNKS, VARIANTS, check_inputs, chunk_length
 
-__all__ = ["EPS", "IMPLS", "VARIANTS", "NUM_CHUNKS", "bi_wkv", "chunk_length", "resolve_impl"]
+__all__ = ["EPS", "IMPLS", "VARIANTS", "NUM_CHUNKS", "bi_wkv", "bi_wkv_dense", "chunk_length", "resolve_impl"]
 
 IMPLS = ("auto", "naive", "scan", "chunked", "pallas")
 _PALLAS_MODULE = "rwkvunet_jax.kernels.bi_wkv"  # Triton (GPU)
@@ -134,6 +134,22 @@ def bi_wkv(
     if chosen == "naive":
         return _naive(w, u, k, v, variant=variant, compute_dtype=compute)
     return _scan(w, u, k, v, variant=variant, compute_dtype=compute)
+
+
+def bi_wkv_dense(
+    w: jax.Array, u: jax.Array, k: jax.Array, v: jax.Array, *, variant: str = "official",
+    block_elements: int = _NAIVE_BLOCK_ELEMENTS,
+) -> jax.Array:
+    """``bi_wkv(..., impl="naive")`` (the O(T^2) reference) with its memory budget made explicit.
+
+    The dense (B, rows, T, channels) weights are evaluated in blocks of at most ``block_elements`` elements:
+    whole rows for as many channels as fit, else one channel and as many query rows as fit.
+    """
+    w, u, k, v = _validate(w, u, k, v, "naive", variant)
+    if block_elements < 1:
+        raise ValueError(f"bi_wkv_dense: block_elements must be positive, got {block_elements}")
+    return _naive(w, u, k, v, variant=variant, compute_dtype=_compute_dtype(w, u, k, v),
+                  block_elements=int(block_elements))
 
 
 # --------------------------------------------------------------------------------------------------- checks

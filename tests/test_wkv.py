@@ -148,9 +148,8 @@ def test_naive_blocking_over_channels_and_rows(variant):
     # query-row blocks with padding (T = 37 in blocks of 3 rows, one channel at a time).
     w, u, k, v = make_inputs(3, 2, 37, 7)
     expected = reference(w, u, k, v, variant)
-    f32 = jnp.float32
     for budget in (2 * 37 * 37 * 2, 2 * 37 * 3):
-        y = wkv._naive(*map(jnp.asarray, (w, u, k, v)), variant=variant, compute_dtype=f32, block_elements=budget)
+        y = wkv.bi_wkv_dense(*map(jnp.asarray, (w, u, k, v)), variant=variant, block_elements=budget)
         close(y, expected, rtol=2e-5, atol_frac=2e-6)
 
 
