@@ -234,13 +234,13 @@ def _matmul(mask: jax.Array, x: jax.Array) -> jax.Array:
     return jnp.einsum("ij,j...->i...", mask, x, precision=_HIGHEST, preferred_element_type=x.dtype)
 
 
-def _colmax(x: jax.Array, where: jax.Array | None = None, *, loop: bool = False) -> jax.Array:
-    """Maximum over the rows, (L, ..., C) -> (1, ..., C). ``loop``: as a ``fori_loop`` over the L rows (XLA:CPU
-    runs a reduction over the leading axis several times slower than L row maxima in a loop, and would fuse an
-    unrolled one into every consumer)."""
+def _colmax(x: jax.Array, spec: TileSpec, where: jax.Array | None = None) -> jax.Array:
+    """Maximum over the rows, (L, ..., C) -> (1, ..., C). In XLA (``spec.unroll`` false) as a ``fori_loop`` over
+    the L rows: XLA:CPU runs a reduction over the leading axis several times slower than L row maxima in a loop,
+    and would fuse an unrolled one into every consumer. Mosaic kernels reduce."""
     if where is not None:
         x = jnp.where(where, x, _EMPTY)
-    if not loop or x.shape[0] == 1:
+    if spec.unroll or x.shape[0] == 1:
         return jnp.max(x, axis=0, keepdims=True)
     row = lambda i: lax.dynamic_index_in_dim(x, i, 0, keepdims=True)
     return lax.fori_loop(1, x.shape[0], lambda i, top: jnp.maximum(top, row(i)), x[:1])
@@ -307,15 +307,14 @@ class _Keys(NamedTuple):
 def _keys(t: _Tile, w: jax.Array, spec: TileSpec) -> _Keys:
     up = jnp.where(t.present, t.k + w * t.pos, _EMPTY)
     down = jnp.where(t.present, t.k - w * t.pos, _EMPTY)
-    loop = not spec.unroll
-    up_max, down_max = _sg(_colmax(up, loop=loop)), _sg(_colmax(down, loop=loop))
+    up_max, down_max = _sg(_colmax(up, spec)), _sg(_colmax(down, spec))
     scaled = lambda e, top: jnp.where(t.present, jnp.exp(e - top), 0.0)
     return _Keys(up, down, up_max, down_max, scaled(up, up_max), scaled(down, down_max))
 
 
 def _span(t: _Tile, keys: _Keys, spec: TileSpec) -> jax.Array:
     """The tile's range of k_j + w j and of k_j - w j (the scaled keys' span), 0 for a tile of padding."""
-    low = lambda e: -_colmax(-e, t.present, loop=not spec.unroll)
+    low = lambda e: -_colmax(-e, spec, t.present)
     span = jnp.maximum(keys.up_max - low(keys.up), keys.down_max - low(keys.down))
     return jnp.where(t.length > 0, span, 0.0)
 
@@ -363,7 +362,7 @@ def _summary_parts(t: _Tile, keys: _Keys, w: jax.Array, rows: TileRows, spec: Ti
         else:
             # Its own reference and exponentials, so that the sum is exact whatever the tile's range.
             mask = t.present if mask is None else mask
-            ref = _sg(_colmax(exponent + w * offset, mask, loop=not spec.unroll))
+            ref = _sg(_colmax(exponent + w * offset, spec, mask))
             q = jnp.where(mask, jnp.exp(jnp.where(mask, exponent + w * offset - ref, 0.0)), 0.0)
         parts.append((ref, q, sign * t.pos + offset))
     return parts, start
@@ -380,7 +379,7 @@ def tile_summary(k: jax.Array, v: jax.Array, w: jax.Array, rows: TileRows, spec:
     for ref, q, _ in parts:
         out += [ref, _colsum(q * t.v), _colsum(q)]
     if start is not None:
-        out.insert(9, _sg(_colmax(keys.down + w * start[0], start[1], loop=not spec.unroll)))
+        out.insert(9, _sg(_colmax(keys.down + w * start[0], spec, start[1])))
     out.append(_sg(_span(t, keys, spec)))
     return tuple(out)
 

@@ -28,3 +28,15 @@ def compile_cache(tmp_path_factory):
     yield
     for name, value in old.items():
         jax.config.update(name, value)
+
+
+@pytest.fixture(scope="session")
+def cpu_devices_env():
+    """``env(n)``: this process's environment for a child JAX process with ``n`` CPU devices (the suite's
+    XLA_FLAGS kept, the device count added; it must be fixed before JAX starts, hence a subprocess)."""
+
+    def env(devices: int) -> dict[str, str]:
+        flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+        return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+
+    return env

@@ -1,7 +1,6 @@
 """Data parallelism: the fine-tuning loop on 2 fake CPU devices gives the losses of a 1-device run (slow)."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -35,9 +34,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _run(tmp_path, devices):
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+def _run(tmp_path, devices, env):
     out = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "data"), str(tmp_path / f"run{devices}"),
                           str(CONFIGS / "demo.py")], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -46,8 +43,8 @@ def _run(tmp_path, devices):
 
 
 @pytest.mark.slow
-def test_two_devices_match_one(tmp_path):
-    one, two = _run(tmp_path, 1), _run(tmp_path, 2)
+def test_two_devices_match_one(tmp_path, cpu_devices_env):
+    one, two = _run(tmp_path, 1, cpu_devices_env(1)), _run(tmp_path, 2, cpu_devices_env(2))
     assert (one["devices"], two["devices"]) == (1, 2)
     # BatchNorm statistics are global under jit + sharding, so the steps agree up to reduction order.
     np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-4, atol=1e-5)

@@ -8,7 +8,6 @@ moments and turns summation-order round-off of near-zero gradients into lr-sized
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -73,11 +72,9 @@ def test_host_local_batch_must_split_over_local_devices():
 
 
 @pytest.fixture(scope="module")
-def eight_device_results(tmp_path_factory):
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+def eight_device_results(tmp_path_factory, cpu_devices_env):
     out = tmp_path_factory.mktemp("sharding") / "results.json"
-    proc = subprocess.run([sys.executable, __file__, str(out)], env=env, cwd=REPO, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, __file__, str(out)], env=cpu_devices_env(8), cwd=REPO, capture_output=True, text=True,
                           timeout=1200)  # minutes on a loaded 2-core machine
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())

@@ -151,6 +151,8 @@ def test_naive_blocking_over_channels_and_rows(variant):
     for budget in (2 * 37 * 37 * 2, 2 * 37 * 3):
         y = wkv.bi_wkv_dense(*map(jnp.asarray, (w, u, k, v)), variant=variant, block_elements=budget)
         close(y, expected, rtol=2e-5, atol_frac=2e-6)
+    with pytest.raises(ValueError, match="block_elements must be positive"):
+        wkv.bi_wkv_dense(*map(jnp.asarray, (w, u, k, v)), variant=variant, block_elements=0)
 
 
 # ------------------------------------------------------------------------------- scan vs naive and reference
