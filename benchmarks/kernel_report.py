@@ -18,6 +18,7 @@ Run from the project's venv (jax installed; no GPU needed)::
     python benchmarks/kernel_report.py                         # (24, 784, 576) float32, official
     python benchmarks/kernel_report.py --compare cd26de8       # old kernel of that commit side by side
     python benchmarks/kernel_report.py --model                 # + rwkv_unet_b's WKV shapes at 224 and 512
+    python benchmarks/kernel_report.py --shapes                # + gpu_check's (24, 3136, 144), (2, 16384, 576)
 
 Normalisation: a kernel's dynamic instruction count per thread is its static SASS count, with the body of
 each loop counted as many times as the loop runs (trip counts read from the constant bounds of the Triton
@@ -25,6 +26,11 @@ IR's ``scf.for``); "per token" multiplies that by the launched threads (grid x w
 the B * T * C elements of the operator, so masked lanes and padding rows count against the kernel. "fwd" is
 the forward pass alone; "fwd+bwd" adds the kernels the gradient runs (the gradient's own forward kernels
 included once). MUFU.EX2 is the hardware exponential that every exp/exp2 ends in.
+
+"floor" is the fewest registers (to a multiple of 8) with which ptxas compiles the same PTX without spilling,
+found by recompiling it under a ``.maxnreg`` cap: "regs" above "floor" is registers that ptxas's own schedule
+takes without needing them (Pallas's Triton backend exposes no register cap or launch bounds, so the kernels
+cannot ask for the floor; their code can only leave ptxas less room to spread).
 """
 
 from __future__ import annotations
@@ -226,7 +232,34 @@ arch = re.search(r"\.target\s+(sm_\w+)", kernel.asm["ptx"]).group(1)
 ptxas = subprocess.run([os.path.join(bindir, "ptxas"), "-v", "--gpu-name", arch, base + ".ptx", "-o", base + ".v.cubin"],
                        capture_output=True, text=True).stderr
 sass = subprocess.run([os.path.join(bindir, "cuobjdump"), "-sass", base + ".cubin"], capture_output=True, text=True).stdout
-print(json.dumps({"seconds": cpu_seconds, "wall_seconds": seconds, "shared": kernel.metadata.shared, "ptxas": ptxas, "sass": sass}))
+def spills_under(cap):
+    # the PTX with a .maxnreg cap: what ptxas needs when told to stay under it
+    ptx, n = re.subn(r"^(\.reqntid[^\n]*)$", rf"\1\n.maxnreg {cap}", kernel.asm["ptx"], count=1, flags=re.M)
+    if n == 0:
+        return None
+    open(base + ".cap.ptx", "w").write(ptx)
+    out = subprocess.run([os.path.join(bindir, "ptxas"), "-v", "--gpu-name", arch, base + ".cap.ptx", "-o", base + ".cap.cubin"],
+                         capture_output=True, text=True).stderr
+    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
+    return int(m.group(1)) + int(m.group(2)) if m else 0
+used = int(re.search(r"Used (\d+) registers", ptxas).group(1))
+# The fewest registers with no spills: binary search over caps that are multiples of 8 below `used` (which
+# spills nothing: ptxas chose it), as long as the PTX takes a cap.
+lo, hi = 16, used
+while hi is not None:
+    caps = [n for n in range(lo + 8, hi, 8)]
+    if not caps:
+        break
+    mid = caps[len(caps) // 2]
+    spilled = spills_under(mid)
+    if spilled is None:
+        hi = None
+    elif spilled == 0:
+        hi = mid
+    else:
+        lo = mid
+print(json.dumps({"seconds": cpu_seconds, "wall_seconds": seconds, "shared": kernel.metadata.shared, "ptxas": ptxas, "sass": sass,
+                  "floor": hi}))
 '''
 
 
@@ -330,7 +363,7 @@ def summarise(captured: dict, compiled: dict, shape) -> dict:
             per_instr = stats["dynamic"] * threads / elements
             per_exp = stats["dynamic_ex2"] * threads / elements
             rows.append({"pass": what, "name": entry["name"], "grid": grid, "warps": entry["num_warps"],
-                         "regs": stats["regs"], "spills": stats["spill_bytes"], "shared": stats["shared"],
+                         "regs": stats["regs"], "floor": stats.get("floor"), "spills": stats["spill_bytes"], "shared": stats["shared"],
                          "static": stats["static"], "ex2": stats["static_ex2"], "instr_tok": per_instr,
                          "exp_tok": per_exp, "compile_s": stats["seconds"], "exact": stats["exact"]})
             total["instr"] += per_instr
@@ -344,7 +377,7 @@ def summarise(captured: dict, compiled: dict, shape) -> dict:
 
 def print_rows(title: str, summary: dict) -> None:
     print(f"\n{title}")
-    head = (f"{'pass':<5}{'kernel':<34}{'grid':<16}{'warps':>5}{'regs':>6}{'spill':>6}{'smem':>6}{'SASS':>7}"
+    head = (f"{'pass':<5}{'kernel':<34}{'grid':<16}{'warps':>5}{'regs':>6}{'floor':>6}{'spill':>6}{'smem':>6}{'SASS':>7}"
             f"{'EX2':>5}{'instr/tok':>10}{'exp/tok':>8}{'compile s':>10}")
     print(head)
     print("-" * len(head))
@@ -353,7 +386,8 @@ def print_rows(title: str, summary: dict) -> None:
             print(f"{r['pass']:<5}{r['name']:<34}{str(r['grid']):<16} COMPILE ERROR: {r['error'][-300:]}")
             continue
         mark = "" if r["exact"] else "~"
-        print(f"{r['pass']:<5}{r['name'][:33]:<34}{str(r['grid']):<16}{r['warps']:>5}{r['regs']:>6}{r['spills']:>6}"
+        floor = "-" if r.get("floor") is None else r["floor"]
+        print(f"{r['pass']:<5}{r['name'][:33]:<34}{str(r['grid']):<16}{r['warps']:>5}{r['regs']:>6}{floor:>6}{r['spills']:>6}"
               f"{r['shared']:>6}{r['static']:>7}{r['ex2']:>5}{mark + format(r['instr_tok'], '.1f'):>10}"
               f"{r['exp_tok']:>8.2f}{r['compile_s']:>10.1f}")
 
@@ -400,6 +434,36 @@ def print_targets(new: dict, old: dict, traffic: dict | None, old_traffic: float
         print(f"  traffic breakdown (new): {traffic}")
 
 
+def _extra_shapes(values: list[int] | None) -> list[tuple[int, int, int]]:
+    if values is None:
+        return []
+    if not values:
+        return [(24, 3136, 144), (2, 16384, 576)]
+    if len(values) % 3:
+        sys.exit("kernel_report: --shapes takes three ints (B T C) per shape")
+    return [tuple(values[i:i + 3]) for i in range(0, len(values), 3)]
+
+
+def _tiling(shape) -> str:
+    sys.path.insert(0, str(REPO))
+    from rwkvunet_jax.kernels.bi_wkv import plan_summary
+
+    plan = plan_summary(shape[1], shape[2], batch=shape[0])
+    return (f"chunk {plan['chunk']}, {plan['rows_per_tile']} rows per tile, {plan['tiles_per_chunk']} tile(s) per "
+            f"chunk, {plan['segments']} segments")
+
+
+def other_shape(shape, args) -> dict:
+    """Per-kernel figures of this tree's kernels at one more (B, T, C)."""
+    spec = argparse.Namespace(**{**vars(args), "shape": list(shape), "model": False})
+    captured = run_capture(None, spec)["operator"]
+    entries = {}
+    for entry in captured["fwd"] + captured["grad"]:
+        entries.setdefault(hashlib.sha1(entry["ttir"].encode()).hexdigest(), entry)
+    results = dict(zip(entries, compile_all(list(entries.values()), args.triton_python, args.jobs)))
+    return summarise(captured, results, shape)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", type=int, nargs=3, default=[24, 784, 576], metavar=("B", "T", "C"))
@@ -408,6 +472,9 @@ def main() -> None:
     parser.add_argument("--tile-len", type=int, default=None, help="tile_len of the new kernel (default: its own)")
     parser.add_argument("--compare", default=None, help="git ref of an older kernel to report side by side")
     parser.add_argument("--model", action="store_true", help="also rwkv_unet_b's WKV shapes at 224 and 512")
+    parser.add_argument("--shapes", type=int, nargs="*", default=None, metavar="B T C",
+                        help="also these (B, T, C), three ints each (no values: gpu_check's other shapes "
+                             "(24, 3136, 144) and (2, 16384, 576)): registers, spills and compile per kernel")
     parser.add_argument("--triton-python", default=DEFAULT_TRITON_PYTHON)
     parser.add_argument("--jobs", type=int, default=2, help="compiles run in parallel")
     parser.add_argument("--json", default=None, help="write everything measured to this file")
@@ -461,6 +528,9 @@ def main() -> None:
         if worktree is not None:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(worktree)], capture_output=True)
 
+    extra = _extra_shapes(args.shapes)
+    others = [(shape, other_shape(shape, args)) for shape in extra]
+
     b, t, c = args.shape
     for label, rep in report.items():
         print_rows(f"== {label}: bi_wkv_pallas at (B, T, C) = ({b}, {t}, {c}) {args.dtype}, {args.variant}",
@@ -475,6 +545,14 @@ def main() -> None:
     if not args.compare:
         print(f"\n(old figures: recorded from commit {BASELINE['ref']}; pass --compare {BASELINE['ref']} to remeasure)")
     print_targets(report["new"]["figures"], old, report["new"]["traffic"], old_traffic)
+    for shape, summary in others:
+        print_rows(f"== new: bi_wkv_pallas at (B, T, C) = {tuple(shape)} {args.dtype}, {args.variant} "
+                   f"(tiling: {_tiling(shape)})", summary)
+        report.setdefault("shapes", {})[str(tuple(shape))] = summary
+    if others:
+        rows = [r for _, summary in others for r in summary["rows"] if "error" not in r]
+        print(f"\nother shapes: max registers {max(r['regs'] for r in rows)}, spilled bytes "
+              f"{sum(r['spills'] for r in rows)}, max compile {max(r['compile_s'] for r in rows):.1f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, default=str))
 

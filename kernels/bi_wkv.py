@@ -104,6 +104,12 @@ __all__ = ["bi_wkv_pallas", "default_interpret", "plan_summary", "traffic_summar
 _LOG2E = 1.4426950408889634
 _DEFAULT_TILE_LEN = 28  # compiled: most rows per tile (T = 784: one official chunk of 25 tokens per tile)
 _DEFAULT_TILE_LEN_INTERPRET = 8  # interpret mode: short tiles keep XLA's compile of the row loops quick
+# Compiled, official chunks longer than _DEFAULT_TILE_LEN (T > 896) split across tiles of at most this many rows.
+# A split tile carries more sums (B, S and their transposes between tiles), and at 25-27 rows the backward output
+# spills (kernel_report: 544 B at (24, 3136, 144), 588 at (1, 4096, 576), 680 at (2, 16384, 576)). At 10 rows
+# no kernel spills at those shapes nor (8, 12544, 64) and (1, 1024, 960) (backward output 128-244 registers; 11
+# and 13 rows spill at some of them), for ~10% more instructions per token and compile times of ~10 s.
+_DEFAULT_SPLIT_TILE_LEN = 10
 _DEFAULT_BLOCK_C = 32
 # Segments per row: as few as still give about this many one-warp programs: 132 SMs x 6 warps (H100/H200;
 # all resident even at 255 registers, 8 warps per SM). Fewer segments move fewer per-segment and per-tile
@@ -235,8 +241,12 @@ class _Plan:
         return self.tile_start(s * self.tiles_per_segment)
 
 
-def _tile_len_default(interpret: bool) -> int:
-    return _DEFAULT_TILE_LEN_INTERPRET if interpret else _DEFAULT_TILE_LEN
+def _tile_len_default(interpret: bool, official: bool, tokens: int) -> int:
+    if interpret:
+        return _DEFAULT_TILE_LEN_INTERPRET
+    if official and chunk_length(tokens) > _DEFAULT_TILE_LEN:
+        return _DEFAULT_SPLIT_TILE_LEN
+    return _DEFAULT_TILE_LEN
 
 
 def _default_block_c(channels: int) -> int:
@@ -247,7 +257,7 @@ def _make_plan(official: bool, batch: int, tokens: int, channels: int, *, tile_l
                block_c: int | None = None, segments: int | None = None, interpret: bool = False,
                unrolled: bool = False) -> _Plan:
     return _Plan(official, batch, tokens, channels, block_c or _default_block_c(channels),
-                 tile_len or _tile_len_default(interpret), interpret, unrolled, segments)
+                 tile_len or _tile_len_default(interpret, official, tokens), interpret, unrolled, segments)
 
 
 def plan_summary(tokens: int, channels: int, *, batch: int = 1, tile_len: int | None = None,
@@ -323,6 +333,18 @@ def _select(flag, a, b):
     if flag is False:
         return b
     return jax.tree.map(lambda x, y: jnp.where(flag, x, y), a, b)
+
+
+def _tied(values: tuple, dep) -> tuple:
+    """values + 0 * dep: the same numbers (unless dep is inf or NaN, which then propagates), computed after dep.
+
+    A scheduling device for the compiled kernels: a side chain that nothing needs until the end of a tile (a
+    running tangent, say) is otherwise left by the compiler until the tile's end, keeping every row's inputs to
+    it live in registers. Tying the main recurrence to it keeps the two in step. (No compiler folds 0 * x: it is
+    not 0 for x = inf or NaN.)
+    """
+    z = 0.0 * dep
+    return tuple(x + z for x in values)
 
 
 def _not(flag):
@@ -512,13 +534,15 @@ def _kappa(plan: _Plan, tile: _Tile, left: _Left, fut: _Sum):
 
 
 def _fwd_tile(plan: _Plan, c: _Consts, tile: _Tile, kappa, left: _Left, fut: _Sum, jj, finish, finish_init,
-              out_rows, *, want_left: bool, want_first: bool):
+              out_rows, *, want_left: bool, want_first: bool, tie=None):
     """The forward sums of one tile from the sums entering it (``left`` at row 0, ``fut`` = F at row L - 1).
 
     Rows carry (num, den) when tile.v is given, else (den,). Each row's x = (num, den + eps) or (den + eps,),
     relative to 2^kappa, goes to ``finish(i, x, e_i, (e_i v_i, e_i), carry) -> (stored, carry)`` as soon as it
     is known, so that no row of sums stays live; ``out_rows`` (None, or from _seq_new / _out_rows) keeps what
     it returns. Returns (out_rows, final carry, the left state at row L or None, F at row -1 or None).
+
+    ``tie(carry)``, when given, is a value of finish's carry that each row's P and B then wait for (see _tied).
     """
     nv = 1 if tile.v is None else 2
     L = plan.rows
@@ -580,6 +604,10 @@ def _fwd_tile(plan: _Plan, c: _Consts, tile: _Tile, kappa, left: _Left, fut: _Su
             (phi,) = _get(plan, back_rows, i)
             x = tuple(p + f + c.eu * y for p, f, y in zip(pi, phi, ewi))
         stored, fc = finish(i, x, ei, ewi, fc)
+        if tie is not None:
+            pi = _tied(pi, tie(fc))
+            if plan.official:
+                bb = _tied(bb, tie(fc))
         if out_rows is not None:
             rows = _set(plan, rows, i, stored)
         pi = tuple(r * p + y for p, y in zip(pi, ewi))
@@ -678,8 +706,11 @@ def _bwd_local(plan: _Plan, c: _Consts, tile: _Tile, gs, ys, left: _Left, fut: _
         return None, (_advance(fp, a, b, c.r, -1), ploc, rho * c.r)
 
     init = (_prime_from(fprime, lam, c.g), (zeros,) * 4, c.r)
+    # Tied to the last tangent of the tile's own P' (the end of the side chains): at (24, 784, 576) this takes
+    # the compiled kernel from 198 registers to 168 (no spills) for ~3 more instructions per token.
     _, (fp, ploc, _), left_out, _ = _fwd_tile(plan, c, tile, kappa, left, fut, jj, finish, init, None,
-                                              want_left=True, want_first=False)
+                                              want_left=True, want_first=False,
+                                              tie=None if plan.split else lambda fc: fc[1][3])
     return left_out, _Sum(lam, _unprime(fp, c.r)), _Sum(lam, ploc)
 
 
@@ -1343,9 +1374,9 @@ def bi_wkv_pallas(
     ``variant``: ``"official"`` (the shipped CUDA kernel's chunked semantics, models' default) or ``"paper"``.
     ``interpret``: None = compiled (Triton) on GPU, Pallas interpret mode elsewhere. ``block_c``: channels per
     program (power of two; default min(32, next power of two of C)). ``tile_len``: most tokens per tile (any
-    positive int; default 28 compiled, 8 interpreted); tiles follow the official 32-way chunks. ``segments``:
-    programs per row and channel block (at most 32; default: as few as fill a GPU). None of the last three
-    changes the result beyond float rounding. Accumulates in float32; float32, bfloat16 and float16 inputs;
+    positive int; default 28 compiled, 10 when official chunks are longer, 8 interpreted); tiles follow the
+    official 32-way chunks. ``segments``: programs per row and channel block (at most 32; default: as few as
+    fill a GPU). None of the last three changes the result beyond float rounding. Accumulates in float32; float32, bfloat16 and float16 inputs;
     returns k's dtype.
     """
     w, u, k, v = check_inputs(w, u, k, v, variant=variant, caller="bi_wkv_pallas", dtypes=_SUPPORTED_DTYPES)

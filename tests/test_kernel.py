@@ -161,6 +161,16 @@ def test_tiling_does_not_change_results():
     close(ys[0], ys[1], 2e-5, 2e-6, "tilings")
 
 
+@pytest.mark.parametrize("tokens, chunk, rows", [(784, 25, 25), (196, 7, 28), (896, 28, 28), (897, 29, 10),
+                                                 (3136, 98, 10), (16384, 512, 10)])
+def test_compiled_default_tiling(tokens, chunk, rows):
+    # Compiled tiles hold whole official chunks up to 28 tokens; longer chunks split into tiles of at most 10
+    # rows (the split tiles carry more sums: at 25-27 rows the backward output spilled registers).
+    plan = kernel_module.plan_summary(tokens, 64)
+    assert (plan["chunk"], plan["rows_per_tile"]) == (chunk, rows)
+    assert plan["rows_per_tile"] * plan["tiles_per_chunk"] >= chunk
+
+
 def test_dispatch_through_bi_wkv():
     # bi_wkv(impl="pallas") runs this kernel (values against naive are checked above).
     w, u, k, v = make_inputs(8, 2, 9, 6)
