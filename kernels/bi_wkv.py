@@ -57,24 +57,38 @@ thread per channel, a tile's rows unrolled (the backward output holds ~4 floats 
 in HBM, float32, per batch element and channel: per segment 6 (forward) and 10 + 2 (backward) floats; per tile
 3 (F), 3 (P; 10 when chunks are split) and 5 (F') floats, i.e. ~0.45 floats per token at T = 784.
 
-Measured (``python benchmarks/kernel_report.py``: Triton IR captured while lowering for CUDA on a CPU, compiled
-for sm_90 by the pip triton 3.8 wheel; (24, 784, 576) float32 official, 2 cores at a load average of 2-5; per
-token and channel; compile in CPU seconds; "before" is the report's recorded figures of commit cd26de8)::
+Measured (``python benchmarks/kernel_report.py --shapes``: Triton IR captured while lowering for CUDA on a CPU,
+compiled for sm_90 by the pip triton 3.8 wheel; float32 official; per token and channel; compile in CPU seconds on
+2 cores; "floor": the fewest registers, to a multiple of 8, with which ptxas compiles the same PTX without
+spilling when capped by ``.maxnreg``, which Pallas's Triton backend cannot ask for; "before": the report's
+recorded figures of commit cd26de8)::
 
-    kernel (grid 24 x 18 x 2, 1 warp)  regs  spill  SASS  EX2  instr/tok  exp/tok  compile s
-    forward summary                      127      0   655   30       23.5     1.19        2.7
-    forward output                       128      0  1402   35       53.5     1.24        3.4
-    backward summary                     198      0  1668   38       61.1     1.36        8.8
-    backward output                      254      0  3121   66      121.5     2.50       31.5
+    (24, 784, 576), grid 24 x 18 x 2, 1 warp   regs  floor  spill  SASS  EX2  instr/tok  exp/tok  compile s
+    forward summary                             127    104      0   655   30       23.5     1.19        2.4
+    forward output                              128    128      0  1402   35       53.5     1.24        3.8
+    backward summary                            168    160      0  1730   38       64.2     1.36       20.8
+    backward output                             254    216      0  3121   66      121.5     2.50       28.1
 
     target (issue 11)                  before (cd26de8)   now     met
     exp per token, forward                   14.2          2.42   yes
     exp per token, backward                  16.4          3.86   yes (<= 4)
-    SASS instr per token, fwd+bwd           930.7        260.0    yes (<= 310)
-    max registers per kernel                  255          254    no  (<= 168: backward output, summary 198)
+    SASS instr per token, fwd+bwd           930.7        263.1    yes (<= 310)
+    max registers per kernel                  255          254    no  (<= 168: backward output; its floor 216)
     spilled bytes                               0            0    yes
-    max Triton compile s per kernel         286.0         31.5    no  (<= 30: backward output, loaded machine)
+    max Triton compile s per kernel         286.0         28.1    yes (<= 30)
     training traffic, f32 arrays             31.0         14.0    yes (<= 14)
+
+    split chunks, 10-row tiles          max regs (kernel)        spill  max compile s
+    (24, 3136, 144)                     128 (backward output)        0            9.4
+    (2, 16384, 576)                     153 (backward output)        0            9.4
+
+Registers. The backward summary's side chains (the transposed sums and their tangents, needed only at the end
+of a tile) are tied to its main recurrence (``_tied``): left free, ptxas computed them last and kept every row's
+inputs live (198 registers). The backward output holds its tile's 25 rows through three sweeps: ptxas's
+schedule takes 254 registers where 216 would do; ties like the summary's, reading and writing it in blocks of
+4-16 rows, two warps per program, reloading v in the second sweep, and 13-row tiles (more than 4 exps per token)
+all left it at 247-255 (or made Triton's compile 2-5 times longer). At this shape all 864 programs are resident
+at once even at 254 registers (8 one-warp programs per SM on 132 SMs).
 
 Lowering: Triton-backed Pallas on GPU (``CompilerParams`` from ``jax.experimental.pallas.triton``); arrays
 inside the kernels are rows of ``block_c`` channels (a power of two) and time indices are scalars, so T is
