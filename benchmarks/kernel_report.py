@@ -363,7 +363,8 @@ def summarise(captured: dict, compiled: dict, shape) -> dict:
             per_instr = stats["dynamic"] * threads / elements
             per_exp = stats["dynamic_ex2"] * threads / elements
             rows.append({"pass": what, "name": entry["name"], "grid": grid, "warps": entry["num_warps"],
-                         "regs": stats["regs"], "floor": stats.get("floor"), "spills": stats["spill_bytes"], "shared": stats["shared"],
+                         "regs": stats["regs"], "floor": stats.get("floor"), "spills": stats["spill_bytes"],
+                         "shared": stats["shared"],
                          "static": stats["static"], "ex2": stats["static_ex2"], "instr_tok": per_instr,
                          "exp_tok": per_exp, "compile_s": stats["seconds"], "exact": stats["exact"]})
             total["instr"] += per_instr
@@ -377,8 +378,8 @@ def summarise(captured: dict, compiled: dict, shape) -> dict:
 
 def print_rows(title: str, summary: dict) -> None:
     print(f"\n{title}")
-    head = (f"{'pass':<5}{'kernel':<34}{'grid':<16}{'warps':>5}{'regs':>6}{'floor':>6}{'spill':>6}{'smem':>6}{'SASS':>7}"
-            f"{'EX2':>5}{'instr/tok':>10}{'exp/tok':>8}{'compile s':>10}")
+    head = (f"{'pass':<5}{'kernel':<34}{'grid':<16}{'warps':>5}{'regs':>6}{'floor':>6}{'spill':>6}{'smem':>6}"
+            f"{'SASS':>7}{'EX2':>5}{'instr/tok':>10}{'exp/tok':>8}{'compile s':>10}")
     print(head)
     print("-" * len(head))
     for r in summary["rows"]:
@@ -387,8 +388,8 @@ def print_rows(title: str, summary: dict) -> None:
             continue
         mark = "" if r["exact"] else "~"
         floor = "-" if r.get("floor") is None else r["floor"]
-        print(f"{r['pass']:<5}{r['name'][:33]:<34}{str(r['grid']):<16}{r['warps']:>5}{r['regs']:>6}{floor:>6}{r['spills']:>6}"
-              f"{r['shared']:>6}{r['static']:>7}{r['ex2']:>5}{mark + format(r['instr_tok'], '.1f'):>10}"
+        print(f"{r['pass']:<5}{r['name'][:33]:<34}{str(r['grid']):<16}{r['warps']:>5}{r['regs']:>6}{floor:>6}"
+              f"{r['spills']:>6}{r['shared']:>6}{r['static']:>7}{r['ex2']:>5}{mark + format(r['instr_tok'], '.1f'):>10}"
               f"{r['exp_tok']:>8.2f}{r['compile_s']:>10.1f}")
 
 

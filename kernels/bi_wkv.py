@@ -354,8 +354,8 @@ def _tied(values: tuple, dep) -> tuple:
 
     A scheduling device for the compiled kernels: a side chain that nothing needs until the end of a tile (a
     running tangent, say) is otherwise left by the compiler until the tile's end, keeping every row's inputs to
-    it live in registers. Tying the main recurrence to it keeps the two in step. (No compiler folds 0 * x: it is
-    not 0 for x = inf or NaN.)
+    it live in registers. Tying the main recurrence to it keeps the two in step. (LLVM and ptxas keep 0 * x, which
+    is not 0 for x = inf or NaN: it compiles to one FFMA with the zero register.)
     """
     z = 0.0 * dep
     return tuple(x + z for x in values)
@@ -619,9 +619,10 @@ def _fwd_tile(plan: _Plan, c: _Consts, tile: _Tile, kappa, left: _Left, fut: _Su
             x = tuple(p + f + c.eu * y for p, f, y in zip(pi, phi, ewi))
         stored, fc = finish(i, x, ei, ewi, fc)
         if tie is not None:
-            pi = _tied(pi, tie(fc))
+            dep = tie(fc)
+            pi = _tied(pi, dep)
             if plan.official:
-                bb = _tied(bb, tie(fc))
+                bb = _tied(bb, dep)
         if out_rows is not None:
             rows = _set(plan, rows, i, stored)
         pi = tuple(r * p + y for p, y in zip(pi, ewi))
