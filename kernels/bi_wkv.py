@@ -722,7 +722,8 @@ def _bwd_local(plan: _Plan, c: _Consts, tile: _Tile, gs, ys, left: _Left, fut: _
 
     init = (_prime_from(fprime, lam, c.g), (zeros,) * 4, c.r)
     # Tied to the last tangent of the tile's own P' (the end of the side chains): at (24, 784, 576) this takes
-    # the compiled kernel from 198 registers to 168 (no spills) for ~3 more instructions per token.
+    # the compiled kernel from 198 registers to 168 (no spills) for ~3 more instructions per token. Not when
+    # chunks are split: at (24, 3136, 144) with 25-row tiles the same tie took it from 232 to 255.
     _, (fp, ploc, _), left_out, _ = _fwd_tile(plan, c, tile, kappa, left, fut, jj, finish, init, None,
                                               want_left=True, want_first=False,
                                               tie=None if plan.split else lambda fc: fc[1][3])
