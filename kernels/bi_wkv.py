@@ -121,8 +121,9 @@ _DEFAULT_TILE_LEN_INTERPRET = 8  # interpret mode: short tiles keep XLA's compil
 # Compiled, official chunks longer than _DEFAULT_TILE_LEN (T > 896) split across tiles of at most this many rows.
 # A split tile carries more sums (B, S and their transposes between tiles), and at 25-27 rows the backward output
 # spills (kernel_report: 544 B at (24, 3136, 144), 588 at (1, 4096, 576), 680 at (2, 16384, 576)). At 10 rows
-# no kernel spills at those shapes nor (8, 12544, 64) and (1, 1024, 960) (backward output 128-244 registers; 11
-# and 13 rows spill at some of them), for ~10% more instructions per token and compile times of ~10 s.
+# no kernel spills at those shapes nor (8, 12544, 64) and (1, 1024, 960) (backward output 128-244 registers, the
+# fewest of 9-13 rows at 4 of the 5; 11 and 13 rows spill at some), for ~10% more instructions per token and
+# compile times of ~10 s.
 _DEFAULT_SPLIT_TILE_LEN = 10
 _DEFAULT_BLOCK_C = 32
 # Segments per row: as few as still give about this many one-warp programs: 132 SMs x 6 warps (H100/H200;
