@@ -144,6 +144,11 @@ def capture_operator(batch: int, tokens: int, channels: int, variant: str, dtype
         with _Capture() as cap:
             jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
         out[what] = cap.kernels
+    plan = getattr(sys.modules["rwkvunet_jax.kernels.bi_wkv"], "plan_summary", None)
+    try:
+        out["plan"] = plan(tokens, channels, batch=batch, **extra) if plan and variant == "official" else None
+    except TypeError:  # older kernels: other arguments
+        out["plan"] = None
     traffic = getattr(sys.modules["rwkvunet_jax.kernels.bi_wkv"], "traffic_summary", None)
     if traffic:
         try:
@@ -153,6 +158,11 @@ def capture_operator(batch: int, tokens: int, channels: int, variant: str, dtype
     else:
         out["traffic"] = None
     return out
+
+
+def module_key(entry: dict) -> str:
+    """A captured Triton module's identity (the same IR compiles to the same kernel)."""
+    return hashlib.sha1(entry["ttir"].encode()).hexdigest()
 
 
 def model_wkv_shapes(size: int) -> list[tuple[int, int]]:
@@ -194,7 +204,7 @@ def capture_main(spec: dict) -> dict:
             for tokens, channels in shapes:
                 captured = capture_operator(1, tokens, channels, spec["variant"], "float32", spec.get("tile_len"))
                 for entry in captured["fwd"] + captured["grad"]:
-                    modules.setdefault(hashlib.sha1(entry["ttir"].encode()).hexdigest(), entry)
+                    modules.setdefault(module_key(entry), entry)
             sizes[size] = {"shapes": shapes, "modules": list(modules.values())}
         result["model"] = sizes
     return result
@@ -264,7 +274,7 @@ print(json.dumps({"seconds": cpu_seconds, "wall_seconds": seconds, "shared": ker
 
 
 def compile_one(entry: dict, workdir: Path, triton_python: str) -> dict:
-    digest = hashlib.sha1(entry["ttir"].encode()).hexdigest()[:16]
+    digest = module_key(entry)[:16]
     path = workdir / f"{entry['name']}_{digest}.ttir"
     path.write_text(entry["ttir"])
     worker = workdir / "worker.py"
@@ -337,6 +347,14 @@ def _scf_trip_counts(ttir: str) -> list[int | None]:
     return out
 
 
+def compile_distinct(entries, args) -> dict:
+    """{module_key: compiled figures} of the distinct modules among ``entries``."""
+    todo = {}
+    for entry in entries:
+        todo.setdefault(module_key(entry), entry)
+    return dict(zip(todo, compile_all(list(todo.values()), args.triton_python, args.jobs)))
+
+
 def compile_all(entries: list[dict], triton_python: str, jobs: int) -> list[dict]:
     workdir = Path(tempfile.mkdtemp(prefix="kernel_report_"))
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
@@ -354,7 +372,7 @@ def summarise(captured: dict, compiled: dict, shape) -> dict:
     for what in ("fwd", "grad"):
         total = {"instr": 0.0, "exp": 0.0, "regs": 0, "compile": 0.0, "spills": 0}
         for entry in captured[what]:
-            stats = compiled[hashlib.sha1(entry["ttir"].encode()).hexdigest()]
+            stats = compiled[module_key(entry)]
             grid = (entry["grid_x"], entry["grid_y"], entry["grid_z"])
             threads = grid[0] * grid[1] * grid[2] * entry["num_warps"] * 32
             if "error" in stats:
@@ -445,24 +463,19 @@ def _extra_shapes(values: list[int] | None) -> list[tuple[int, int, int]]:
     return [tuple(values[i:i + 3]) for i in range(0, len(values), 3)]
 
 
-def _tiling(shape) -> str:
-    sys.path.insert(0, str(REPO))
-    from rwkvunet_jax.kernels.bi_wkv import plan_summary
-
-    plan = plan_summary(shape[1], shape[2], batch=shape[0])
-    return (f"chunk {plan['chunk']}, {plan['rows_per_tile']} rows per tile, {plan['tiles_per_chunk']} tile(s) per "
-            f"chunk, {plan['segments']} segments")
+def _tiling(plan: dict | None) -> str:
+    if not plan:
+        return "tiling not reported"
+    return (f"tiling: chunk {plan['chunk']}, {plan['rows_per_tile']} rows per tile, {plan['tiles_per_chunk']} "
+            f"tile(s) per chunk, {plan['segments']} segments")
 
 
-def other_shape(shape, args) -> dict:
-    """Per-kernel figures of this tree's kernels at one more (B, T, C)."""
+def other_shape(shape, args) -> tuple[dict, dict | None]:
+    """Per-kernel figures of this tree's kernels at one more (B, T, C), and the tiling they use."""
     spec = argparse.Namespace(**{**vars(args), "shape": list(shape), "model": False})
     captured = run_capture(None, spec)["operator"]
-    entries = {}
-    for entry in captured["fwd"] + captured["grad"]:
-        entries.setdefault(hashlib.sha1(entry["ttir"].encode()).hexdigest(), entry)
-    results = dict(zip(entries, compile_all(list(entries.values()), args.triton_python, args.jobs)))
-    return summarise(captured, results, shape)
+    results = compile_distinct(captured["fwd"] + captured["grad"], args)
+    return summarise(captured, results, shape), captured.get("plan")
 
 
 def main() -> None:
@@ -503,17 +516,12 @@ def main() -> None:
             print(f"[{label}] captured {len(captured['operator']['fwd'])} forward and "
                   f"{len(captured['operator']['grad'])} gradient kernels in {time.perf_counter() - start:.0f} s",
                   flush=True)
-            entries = {}
-            for entry in captured["operator"]["fwd"] + captured["operator"]["grad"]:
-                entries.setdefault(hashlib.sha1(entry["ttir"].encode()).hexdigest(), entry)
-            model_entries = {}
-            for size, info in captured.get("model", {}).items():
-                for entry in info["modules"]:
-                    model_entries.setdefault(hashlib.sha1(entry["ttir"].encode()).hexdigest(), entry)
-            todo = {**entries, **model_entries}
+            entries = captured["operator"]["fwd"] + captured["operator"]["grad"]
+            for info in captured.get("model", {}).values():
+                entries += info["modules"]
             start = time.perf_counter()
-            results = dict(zip(todo, compile_all(list(todo.values()), args.triton_python, args.jobs)))
-            print(f"[{label}] compiled {len(todo)} distinct modules in {time.perf_counter() - start:.0f} s "
+            results = compile_distinct(entries, args)
+            print(f"[{label}] compiled {len(results)} distinct modules in {time.perf_counter() - start:.0f} s "
                   f"({args.jobs} in parallel)", flush=True)
             summary = summarise(captured["operator"], results, args.shape)
             report[label] = {"summary": summary, "figures": pass_figures(summary),
@@ -521,7 +529,7 @@ def main() -> None:
             if captured.get("model"):
                 model = {}
                 for size, info in captured["model"].items():
-                    hashes = [hashlib.sha1(e["ttir"].encode()).hexdigest() for e in info["modules"]]
+                    hashes = [module_key(e) for e in info["modules"]]
                     model[size] = {"shapes": info["shapes"], "modules": len(hashes),
                                    "compile_s": sum(results[h].get("seconds", 0.0) for h in hashes)}
                 report[label]["model"] = model
@@ -546,12 +554,12 @@ def main() -> None:
     if not args.compare:
         print(f"\n(old figures: recorded from commit {BASELINE['ref']}; pass --compare {BASELINE['ref']} to remeasure)")
     print_targets(report["new"]["figures"], old, report["new"]["traffic"], old_traffic)
-    for shape, summary in others:
+    for shape, (summary, plan) in others:
         print_rows(f"== new: bi_wkv_pallas at (B, T, C) = {tuple(shape)} {args.dtype}, {args.variant} "
-                   f"(tiling: {_tiling(shape)})", summary)
-        report.setdefault("shapes", {})[str(tuple(shape))] = summary
+                   f"({_tiling(plan)})", summary)
+        report.setdefault("shapes", {})[str(tuple(shape))] = {"summary": summary, "plan": plan}
     if others:
-        rows = [r for _, summary in others for r in summary["rows"] if "error" not in r]
+        rows = [r for _, (summary, _) in others for r in summary["rows"] if "error" not in r]
         print(f"\nother shapes: max registers {max(r['regs'] for r in rows)}, spilled bytes "
               f"{sum(r['spills'] for r in rows)}, max compile {max(r['compile_s'] for r in rows):.1f} s")
     if args.json:

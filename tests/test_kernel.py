@@ -226,7 +226,8 @@ def test_lowers_to_triton_for_cuda(variant, dtype, tokens):
     # Lowering Pallas -> Triton IR runs on CPU and catches what Triton cannot take (array sizes that are not
     # powers of two, unsupported ops). T = 45 (chunks of 2: segments of 16 chunks) and C = 72 are not
     # multiples of anything; T = 1100 has chunks of 35 tokens, more than a tile, so each chunk splits into
-    # tiles (of 9 rows) that a segment walks in a loop. It does not compile Triton to PTX (benchmarks/kernel_report.py and -m gpu do).
+    # tiles (of 9 rows) that a segment walks in a loop. It does not compile Triton to PTX
+    # (benchmarks/kernel_report.py and -m gpu do).
     batch, channels = 2, 72
     args = (jax.ShapeDtypeStruct((channels,), jnp.float32), jax.ShapeDtypeStruct((channels,), jnp.float32),
             jax.ShapeDtypeStruct((batch, tokens, channels), dtype), jax.ShapeDtypeStruct((batch, tokens, channels), dtype))

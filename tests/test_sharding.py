@@ -74,8 +74,8 @@ def test_host_local_batch_must_split_over_local_devices():
 @pytest.fixture(scope="module")
 def eight_device_results(tmp_path_factory, cpu_devices_env):
     out = tmp_path_factory.mktemp("sharding") / "results.json"
-    proc = subprocess.run([sys.executable, __file__, str(out)], env=cpu_devices_env(8), cwd=REPO, capture_output=True, text=True,
-                          timeout=1200)  # minutes on a loaded 2-core machine
+    proc = subprocess.run([sys.executable, __file__, str(out)], env=cpu_devices_env(8), cwd=REPO,
+                          capture_output=True, text=True, timeout=1200)  # minutes on a loaded 2-core machine
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())
 
