@@ -22,9 +22,18 @@ both are carried with one multiply and one max per token.
 Numerics. Inside a tile of L tokens everything is held relative to one reference exponent kappa (the largest
 key of the tile and of the incoming sums), so a token costs one exp2 (of k log2 e - kappa) and the recurrences
 are multiply-adds by r or g (exponents are base 2: every exp is one hardware ex2). Between tiles a sum travels
-as (reference exponent, scaled values) whose reference is its exact largest term. Accuracy: a tile's sums span
-a factor e^{|w| L} at most, so results match the dense definition to float32 rounding while |w| L stays below
-~40 (|w| below ~1.4 per token at the default 28-token tiles; the models pass w = decay / T, far smaller).
+as (reference exponent, scaled values) whose reference is its exact largest term. Accuracy: one reference
+serves both directions inside a tile, so the kernel matches the dense definition to float32 rounding while the
+two directions' sums stay within a few float32 ranges of each other. With w < 0 (farther tokens weigh more) they
+drift apart over the row: at row growth max(-w) log2(e) (T + 1) of 24 the kernel still meets the tests'
+tolerances, at 32-40 it misses them by 1.2-1.5 times, and past ~100 the smaller sum vanishes before it is
+carried to where it dominates (measured against float64, T = 196 and 784). ``bi_wkv_pallas`` therefore checks
+w and u at run time (``_within_range``: that growth at most 24; for the official variant the same-chunk growth
+max(w) log2(e) (n + 1) at most 96, past which that weight overflows float32; u log2(e) at most 96, e^u being one
+float32 factor) and computes anything outside by the chunked form (``kernels/wkv_chunked.py``, whose sums carry
+exact references everywhere), under ``lax.cond`` when w and u are traced (both forms compile, one runs; on GPU
+the conditional reads its predicate on the host). The models pass w = decay / T: row growth |decay| log2(e),
+at most ~7 for the initial decays of -5 to 3.
 
 Official weights for w n > 2. The same-chunk weight e^{-w(d-1)} + (1 - e^w) e^{w d} (token d places back)
 turns negative once w d exceeds ~1 and dominates the row once w n exceeds ~2 (decay above ~64): D_t can
@@ -87,8 +96,14 @@ of a tile) are tied to its main recurrence (``_tied``): left free, ptxas compute
 inputs live (198 registers). The backward output holds its tile's 25 rows through three sweeps: ptxas's
 schedule takes 254 registers where 216 would do; ties like the summary's, reading and writing it in blocks of
 4-16 rows, two warps per program, reloading v in the second sweep, and 13-row tiles (more than 4 exps per token)
-all left it at 247-255 (or made Triton's compile 2-5 times longer). At this shape all 864 programs are resident
-at once even at 254 registers (8 one-warp programs per SM on 132 SMs).
+all left it at 247-255 (or made Triton's compile 2-5 times longer). What the 216 hold: four values per row
+between sweeps (F; then alpha, beta and the earlier rows' transposed sums: 100 at 25 rows) plus g (25) and the
+reread k and v (50), which ptxas loads early. Measured proxies: without the third sweep the floor is still 184;
+dropping the third sweep's tangents and dw leaves it at 216; reading g in 9-row blocks only after the first sweep
+and rereading k, v in 13-row blocks only after the second brings it to 168, yet ptxas (12.9 and 13.3) still
+allocates 255 and Triton's compile grows by ~40% (more memory operations), so the kernel keeps whole-tile reads.
+168 registers is where 12 one-warp programs fit per SM; at this shape the grid itself gives 864 programs, 6.5
+per SM, all resident even at 254 registers (8 per SM on 132 SMs), so registers do not limit occupancy here.
 
 Lowering: Triton-backed Pallas on GPU (``CompilerParams`` from ``jax.experimental.pallas.triton``); arrays
 inside the kernels are rows of ``block_c`` channels (a power of two) and time indices are scalars, so T is
@@ -110,6 +125,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from .wkv_chunked import bi_wkv_chunked
 from .wkv_spec import EMPTY_EXPONENT as _EMPTY
 from .wkv_spec import EPS, NUM_CHUNKS, check_inputs, chunk_length
 
@@ -135,6 +151,16 @@ _KAPPA_FLOOR = -1e29
 # Clamp of rescaling exponents (log2): 2^100 times a value that underflowed stays finite.
 _RESCALE_CAP = 100.0
 _SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+# Decays the kernel takes (log2 units; beyond them bi_wkv_pallas computes the chunked form, same values). Row
+# growth, max(-w) log2(e) (T + 1): with w < 0 the farther tokens weigh more, and a tile's one reference then sits
+# far above the sums of one direction, which lose digits and, past ~100, vanish before they are carried to where
+# they dominate (measured against float64: within the tests' tolerances up to 24, 1.2-1.5 times them at 32-40,
+# 10^4 times them at 110-150). Official same-chunk growth, max(w) log2(e) (n + 1): the weight (1 - e^w) e^{w d}
+# overflows float32 past ~127 inside a chunk (the sums are ill-conditioned long before: see "Official weights").
+_MAX_ROW_GROWTH = 24.0
+_MAX_CHUNK_GROWTH = 96.0
+# And the bonus: e^u is one float32 factor (u log2(e) past ~127 overflows; 96 leaves room for its products).
+_MAX_BONUS = 96.0
 # Compiled: rows read or written after a tile's first sweep move in blocks of this many rows, each when first
 # needed (reads) or complete (writes), so that a tile's rows are not all live in registers at once.
 _ROW_BLOCK = 16
@@ -149,6 +175,8 @@ _SUMMARY_ROW_BLOCK = 8
 # Test hook: run the compiled path's unrolled, row-at-a-time code in interpret mode too (tests set it; slow to
 # compile in XLA for long tiles).
 _UNROLL_IN_INTERPRETER = False
+# Test hook: always take the kernel, whatever the decays (tests of the kernel itself at the edges of its range).
+_FORCE_KERNEL = False
 
 
 def _div(x, n: int):
@@ -1357,6 +1385,16 @@ def _bi_wkv(plan: _Plan, w, u, k, v):
     return _forward(plan, w, u, k, v, save=False)[0]
 
 
+def _within_range(plan: _Plan, w, u) -> jax.Array:
+    """Whether the kernel covers the decays w and bonus u (a bool array, traced under jit): see _MAX_ROW_GROWTH."""
+    w2 = w * _LOG2E
+    ok = jnp.max(-w2, initial=0.0) * (plan.tokens + 1) <= _MAX_ROW_GROWTH
+    ok = ok & (jnp.max(u * _LOG2E, initial=0.0) <= _MAX_BONUS)
+    if plan.official:
+        ok = ok & (jnp.max(w2, initial=0.0) * (plan.chunk + 1) <= _MAX_CHUNK_GROWTH)
+    return ok
+
+
 def _bi_wkv_fwd(plan: _Plan, w, u, k, v):
     y, sums = _forward(plan, w, u, k, v, save=True)
     return y, (w, u, k, v, y, sums)
@@ -1393,8 +1431,10 @@ def bi_wkv_pallas(
     program (power of two; default min(32, next power of two of C)). ``tile_len``: most tokens per tile (any
     positive int; default 28 compiled, 10 when official chunks are longer, 8 interpreted); tiles follow the
     official 32-way chunks. ``segments``: programs per row and channel block (at most 32; default: as few as
-    fill a GPU). None of the last three changes the result beyond float rounding. Accumulates in float32; float32, bfloat16 and float16 inputs;
-    returns k's dtype.
+    fill a GPU). None of the last three changes the result beyond float rounding. Accumulates in float32;
+    float32, bfloat16 and float16 inputs; returns k's dtype. Decays past the kernel's numerics (w < 0 with max(-w) log2(e) (T + 1) > 24, official
+    same-chunk growth max(w) log2(e) (n + 1) > 96, or u log2(e) > 96; see the module docstring) are computed by
+    the chunked form, chosen at run time under jit (``lax.cond``).
     """
     w, u, k, v = check_inputs(w, u, k, v, variant=variant, caller="bi_wkv_pallas", dtypes=_SUPPORTED_DTYPES)
     batch, tokens, channels = k.shape
@@ -1412,4 +1452,14 @@ def bi_wkv_pallas(
         return jnp.zeros(k.shape, k.dtype) + 0.0 * (k + v)  # keeps the gradient path (all zeros)
     plan = _make_plan(variant == "official", batch, tokens, channels, tile_len=tile_len, block_c=block_c,
                       segments=segments, interpret=bool(interpret), unrolled=_UNROLL_IN_INTERPRETER)
-    return _bi_wkv(plan, w.astype(jnp.float32), u.astype(jnp.float32), k, v)
+    w, u = w.astype(jnp.float32), u.astype(jnp.float32)
+    ok = _within_range(plan, w, u)
+    kernel = lambda w, u, k, v: _bi_wkv(plan, w, u, k, v)  # noqa: E731
+    chunked = lambda w, u, k, v: bi_wkv_chunked(w, u, k, v, variant=variant)  # noqa: E731
+    if _FORCE_KERNEL:
+        return kernel(w, u, k, v)
+    try:
+        take_kernel = bool(ok)  # concrete decays: only the form that runs is traced and compiled
+    except jax.errors.ConcretizationTypeError:
+        return lax.cond(ok, kernel, chunked, w, u, k, v)
+    return (kernel if take_kernel else chunked)(w, u, k, v)

@@ -11,6 +11,7 @@ reuses one shape for several input sets.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import subprocess
 import sys
@@ -54,13 +55,35 @@ def value_and_grads(fn, cotangent):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
 
 
-def check_against_naive(variant, inputs, *, rtol, atol_frac, grad_rtol, grad_atol_frac, **kernel_args):
+def naive_float64(w, u, k, v, variant="official"):
+    """The dense definition evaluated in float64 (numpy result)."""
+    with jax.enable_x64(True):
+        return np.asarray(bi_wkv(*(jnp.asarray(np.asarray(x), jnp.float64) for x in (w, u, k, v)), impl="naive",
+                                 variant=variant))
+
+
+@contextlib.contextmanager
+def kernel_forced(on: bool = True):
+    """bi_wkv_pallas takes the kernel even for decays it hands to the chunked form (see _within_range)."""
+    saved = kernel_module._FORCE_KERNEL
+    kernel_module._FORCE_KERNEL = on
+    try:
+        yield
+    finally:
+        kernel_module._FORCE_KERNEL = saved
+
+
+def check_against_naive(variant, inputs, *, rtol, atol_frac, grad_rtol, grad_atol_frac, kernel_only=True,
+                        **kernel_args):
+    """Values and the four gradients of bi_wkv_pallas against the naive form. ``kernel_only``: the kernel itself,
+    also where bi_wkv_pallas would use the chunked form (decays past its range)."""
     shape = inputs[0][1][2].shape
     cotangent = jnp.asarray(np.random.default_rng(99).normal(size=shape), jnp.float32)
     pallas = value_and_grads(functools.partial(bi_wkv_pallas, variant=variant, **kernel_args), cotangent)
     naive = value_and_grads(functools.partial(bi_wkv, impl="naive", variant=variant), cotangent)
     for name, (w, u, k, v) in inputs:
-        (_, y), grads = pallas(w, u, k, v)
+        with kernel_forced(kernel_only):
+            (_, y), grads = pallas(w, u, k, v)
         (_, y_ref), grads_ref = naive(w, u, k, v)
         assert y.dtype == k.dtype and y.shape == k.shape
         close(y, y_ref, rtol, atol_frac, f"{variant} {name}: y")
@@ -121,13 +144,61 @@ def test_official_weights_negative_when_w_n_exceeds_two():
     w, u, k, v = make_inputs(10, 1, 784, 20, w_range=(0.02, 0.24))
     y = bi_wkv_pallas(w, u, k, v)
     y32 = bi_wkv(w, u, k, v, impl="naive")
-    with jax.enable_x64(True):
-        y64 = np.asarray(bi_wkv(*(jnp.asarray(np.asarray(x), jnp.float64) for x in (w, u, k, v)), impl="naive"))
+    y64 = naive_float64(w, u, k, v)
     assert np.isfinite(np.asarray(y)).all()
     err_kernel = np.abs(np.asarray(y, np.float64) - y64)
     err_naive = np.abs(np.asarray(y32, np.float64) - y64)
     assert err_kernel.max() <= 10 * err_naive.max() + 1e-6 * np.abs(y64).max(), (err_kernel.max(), err_naive.max())
     assert np.abs(y64).max() > 50  # the range really is ill-conditioned
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_decays_past_the_kernels_range_take_the_chunked_form(variant):
+    # w < 0 weighs farther tokens more: at T = 196 with w down to -0.5 (row growth ~140 in log2 units) a tile's
+    # sums of the two directions lie ~2^100 apart under one reference, and the kernel alone lost the smaller one
+    # before carrying it to where it dominates (gradients off by ~10^4 times the tolerance). bi_wkv_pallas hands
+    # such decays (traced, as under jit here) to the chunked form.
+    inputs = [("w down to -0.5", make_inputs(13, 2, 196, 6, w_range=(-0.5, -0.01)))]
+    check_against_naive(variant, inputs, rtol=2e-5, atol_frac=2e-6, grad_rtol=1e-4, grad_atol_frac=1e-5,
+                        kernel_only=False)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_kernel_holds_to_the_edge_of_its_range(variant):
+    # The kernel itself with the most negative decay it takes (row growth max(-w) log2(e) (T + 1) at the limit),
+    # T = 196: values and gradients within the usual tolerances; 5% more growth goes to the chunked form.
+    tokens = 196
+    w_edge = -kernel_module._MAX_ROW_GROWTH / (np.log2(np.e) * (tokens + 1)) * (1 - 1e-6)
+    w, u, k, v = make_inputs(14, 2, tokens, 6)
+    w = jnp.asarray(np.linspace(w_edge, 0.1, 6), jnp.float32)
+    plan = kernel_module._make_plan(variant == "official", 2, tokens, 6, interpret=True)
+    assert bool(kernel_module._within_range(plan, w, u))
+    assert not bool(kernel_module._within_range(plan, 1.05 * w, u))
+    check_against_naive(variant, [("at the edge", (w, u, k, v))], rtol=2e-5, atol_frac=2e-6, grad_rtol=1e-4,
+                        grad_atol_frac=1e-5)
+
+
+def test_official_chunk_growth_past_float32_takes_the_chunked_form():
+    # Official, T = 784 (n = 25) in 25-row tiles, w from 4.5 to 5: the same-chunk weight (1 - e^w) e^{w d}
+    # reaches e^125 inside a chunk, past float32, and the kernel returned inf. With the chunked form: finite, and
+    # as accurate as the dense definition in float32 (both against float64; y is ill-conditioned here).
+    w, u, k, v = make_inputs(15, 1, 784, 8)
+    w = jnp.asarray(np.linspace(4.5, 5.0, 8), jnp.float32)
+    y = np.asarray(bi_wkv_pallas(w, u, k, v, tile_len=28), np.float64)
+    y32 = np.asarray(bi_wkv(w, u, k, v, impl="naive"), np.float64)
+    y64 = naive_float64(w, u, k, v)
+    assert np.isfinite(y).all()
+    assert np.abs(y - y64).max() <= 10 * np.abs(y32 - y64).max() + 1e-6 * np.abs(y64).max()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_bonus_past_float32_takes_the_chunked_form(variant):
+    # u = 100: e^u overflows float32 as the kernel's one factor of the self term (it returned NaN); the dense
+    # definition shifts u + k by the row's maximum and gives y_t ~ v_t.
+    w, u, k, v = make_inputs(16, 1, 40, 4)
+    u = jnp.full_like(u, 100.0)
+    close(bi_wkv_pallas(w, u, k, v, variant=variant), bi_wkv(w, u, k, v, impl="naive", variant=variant),
+          2e-5, 2e-6, "u = 100")
 
 
 @pytest.mark.parametrize("variant", ["official"])
