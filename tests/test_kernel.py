@@ -64,7 +64,7 @@ def naive_float64(w, u, k, v, variant="official"):
 
 @contextlib.contextmanager
 def kernel_forced(on: bool = True):
-    """bi_wkv_pallas takes the kernel even for decays it hands to the chunked form (see _within_range)."""
+    """bi_wkv_pallas takes the kernel even for decays it hands to the scan form (see _within_range)."""
     saved = kernel_module._FORCE_KERNEL
     kernel_module._FORCE_KERNEL = on
     try:
@@ -76,7 +76,7 @@ def kernel_forced(on: bool = True):
 def check_against_naive(variant, inputs, *, rtol, atol_frac, grad_rtol, grad_atol_frac, kernel_only=True,
                         **kernel_args):
     """Values and the four gradients of bi_wkv_pallas against the naive form. ``kernel_only``: the kernel itself,
-    also where bi_wkv_pallas would use the chunked form (decays past its range)."""
+    also where bi_wkv_pallas would use the scan form (decays past its range)."""
     shape = inputs[0][1][2].shape
     cotangent = jnp.asarray(np.random.default_rng(99).normal(size=shape), jnp.float32)
     pallas = value_and_grads(functools.partial(bi_wkv_pallas, variant=variant, **kernel_args), cotangent)
@@ -153,11 +153,11 @@ def test_official_weights_negative_when_w_n_exceeds_two():
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_decays_past_the_kernels_range_take_the_chunked_form(variant):
+def test_decays_past_the_kernels_range_take_the_scan_form(variant):
     # w < 0 weighs farther tokens more: at T = 196 with w down to -0.5 (row growth ~140 in log2 units) a tile's
     # sums of the two directions lie ~2^100 apart under one reference, and the kernel alone lost the smaller one
     # before carrying it to where it dominates (gradients off by ~10^4 times the tolerance). bi_wkv_pallas hands
-    # such decays (traced, as under jit here) to the chunked form.
+    # such decays (traced, as under jit here) to the scan form.
     inputs = [("w down to -0.5", make_inputs(13, 2, 196, 6, w_range=(-0.5, -0.01)))]
     check_against_naive(variant, inputs, rtol=2e-5, atol_frac=2e-6, grad_rtol=1e-4, grad_atol_frac=1e-5,
                         kernel_only=False)
@@ -166,7 +166,7 @@ def test_decays_past_the_kernels_range_take_the_chunked_form(variant):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_kernel_holds_to_the_edge_of_its_range(variant):
     # The kernel itself with the most negative decay it takes (row growth max(-w) log2(e) (T + 1) at the limit),
-    # T = 196: values and gradients within the usual tolerances; 5% more growth goes to the chunked form.
+    # T = 196: values and gradients within the usual tolerances; 5% more growth goes to the scan form.
     tokens = 196
     w_edge = -kernel_module._MAX_ROW_GROWTH / (np.log2(np.e) * (tokens + 1)) * (1 - 1e-6)
     w, u, k, v = make_inputs(14, 2, tokens, 6)
@@ -178,9 +178,9 @@ def test_kernel_holds_to_the_edge_of_its_range(variant):
                         grad_atol_frac=1e-5)
 
 
-def test_official_chunk_growth_past_float32_takes_the_chunked_form():
+def test_official_chunk_growth_past_float32_takes_the_scan_form():
     # Official, T = 784 (n = 25) in 25-row tiles, w from 4.5 to 5: the same-chunk weight (1 - e^w) e^{w d}
-    # reaches e^125 inside a chunk, past float32, and the kernel returned inf. With the chunked form: finite, and
+    # reaches e^125 inside a chunk, past float32, and the kernel returned inf. With the scan form: finite, and
     # as accurate as the dense definition in float32 (both against float64; y is ill-conditioned here).
     w, u, k, v = make_inputs(15, 1, 784, 8)
     w = jnp.asarray(np.linspace(4.5, 5.0, 8), jnp.float32)
@@ -192,7 +192,7 @@ def test_official_chunk_growth_past_float32_takes_the_chunked_form():
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_bonus_past_float32_takes_the_chunked_form(variant):
+def test_bonus_past_float32_takes_the_scan_form(variant):
     # u = 100: e^u overflows float32 as the kernel's one factor of the self term (it returned NaN); the dense
     # definition shifts u + k by the row's maximum and gives y_t ~ v_t.
     w, u, k, v = make_inputs(16, 1, 40, 4)
