@@ -558,8 +558,8 @@ def main() -> None:
         print_rows(f"== new: bi_wkv_pallas at (B, T, C) = {tuple(shape)} {args.dtype}, {args.variant} "
                    f"({_tiling(plan)})", summary)
         report.setdefault("shapes", {})[str(tuple(shape))] = {"summary": summary, "plan": plan}
-    if others:
-        rows = [r for _, (summary, _) in others for r in summary["rows"] if "error" not in r]
+    rows = [r for _, (summary, _) in others for r in summary["rows"] if "error" not in r]
+    if rows:
         print(f"\nother shapes: max registers {max(r['regs'] for r in rows)}, spilled bytes "
               f"{sum(r['spills'] for r in rows)}, max compile {max(r['compile_s'] for r in rows):.1f} s")
     if args.json:

@@ -156,8 +156,9 @@ _SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 # growth, max(-w) log2(e) (T + 1): with w < 0 the farther tokens weigh more, and a tile's one reference then sits
 # far above the sums of one direction, which lose digits and, past ~100, vanish before they are carried to where
 # they dominate (measured against float64: within the tests' tolerances up to 20, 1.2-1.8 times them at 24 with
-# large keys and at 32-40, 10^4 times them at 110-150). Official same-chunk growth, max(w) log2(e) (n + 1): the weight (1 - e^w) e^{w d}
-# overflows float32 past ~127 inside a chunk (the sums are ill-conditioned long before: see "Official weights").
+# large keys and at 32-40, 10^4 times them at 110-150). Official same-chunk growth, max(w) log2(e) (n + 1): the
+# weight (1 - e^w) e^{w d} overflows float32 past ~127 inside a chunk (the sums are ill-conditioned long before:
+# see "Official weights").
 _MAX_ROW_GROWTH = 20.0
 _MAX_CHUNK_GROWTH = 96.0
 # And the bonus: e^u is one float32 factor (u log2(e) past ~127 overflows; 96 leaves room for its products).
@@ -1433,9 +1434,9 @@ def bi_wkv_pallas(
     positive int; default 28 compiled, 10 when official chunks are longer, 8 interpreted); tiles follow the
     official 32-way chunks. ``segments``: programs per row and channel block (at most 32; default: as few as
     fill a GPU). None of the last three changes the result beyond float rounding. Accumulates in float32;
-    float32, bfloat16 and float16 inputs; returns k's dtype. Decays past the kernel's numerics (w < 0 with max(-w) log2(e) (T + 1) > 20, official
-    same-chunk growth max(w) log2(e) (n + 1) > 96, or u log2(e) > 96; see the module docstring) are computed by
-    the scan form, chosen at run time under jit (``lax.cond``).
+    float32, bfloat16 and float16 inputs; returns k's dtype. Decays past the kernel's numerics (w < 0 with
+    max(-w) log2(e) (T + 1) > 20, official same-chunk growth max(w) log2(e) (n + 1) > 96, or u log2(e) > 96;
+    see the module docstring) are computed by the scan form, chosen at run time under jit (``lax.cond``).
     """
     w, u, k, v = check_inputs(w, u, k, v, variant=variant, caller="bi_wkv_pallas", dtypes=_SUPPORTED_DTYPES)
     batch, tokens, channels = k.shape
@@ -1454,10 +1455,10 @@ def bi_wkv_pallas(
     plan = _make_plan(variant == "official", batch, tokens, channels, tile_len=tile_len, block_c=block_c,
                       segments=segments, interpret=bool(interpret), unrolled=_UNROLL_IN_INTERPRETER)
     w, u = w.astype(jnp.float32), u.astype(jnp.float32)
-    ok = _within_range(plan, w, u)
     kernel = lambda w, u, k, v: _bi_wkv(plan, w, u, k, v)  # noqa: E731
     if _FORCE_KERNEL:
         return kernel(w, u, k, v)
+    ok = _within_range(plan, w, u)
     # The scan form lives with the other XLA forms in rwkvunet_jax.wkv, which imports this module: imported here.
     from rwkvunet_jax.wkv import bi_wkv
 

@@ -11,10 +11,10 @@ reuses one shape for several input sets.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import subprocess
 import sys
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -62,17 +62,6 @@ def naive_float64(w, u, k, v, variant="official"):
                                  variant=variant))
 
 
-@contextlib.contextmanager
-def kernel_forced(on: bool = True):
-    """bi_wkv_pallas takes the kernel even for decays it hands to the scan form (see _within_range)."""
-    saved = kernel_module._FORCE_KERNEL
-    kernel_module._FORCE_KERNEL = on
-    try:
-        yield
-    finally:
-        kernel_module._FORCE_KERNEL = saved
-
-
 def check_against_naive(variant, inputs, *, rtol, atol_frac, grad_rtol, grad_atol_frac, kernel_only=True,
                         **kernel_args):
     """Values and the four gradients of bi_wkv_pallas against the naive form. ``kernel_only``: the kernel itself,
@@ -82,7 +71,7 @@ def check_against_naive(variant, inputs, *, rtol, atol_frac, grad_rtol, grad_ato
     pallas = value_and_grads(functools.partial(bi_wkv_pallas, variant=variant, **kernel_args), cotangent)
     naive = value_and_grads(functools.partial(bi_wkv, impl="naive", variant=variant), cotangent)
     for name, (w, u, k, v) in inputs:
-        with kernel_forced(kernel_only):
+        with mock.patch.object(kernel_module, "_FORCE_KERNEL", kernel_only):
             (_, y), grads = pallas(w, u, k, v)
         (_, y_ref), grads_ref = naive(w, u, k, v)
         assert y.dtype == k.dtype and y.shape == k.shape
