@@ -355,20 +355,41 @@ def _log2(x):
     return jnp.maximum(jnp.log2(x), _EMPTY)
 
 
-def _index(index: tuple) -> tuple:
-    return tuple(jnp.int32(i) if isinstance(i, int) else i for i in index)
+def _int32(x):
+    return jnp.int32(x) if isinstance(x, int) else x
+
+
+def _index(ref, index: tuple) -> tuple:
+    """Every start an int32 (whole axes as int32 slices): under jax_enable_x64 Python ints and ``slice(None)``
+    would become int64 next to the int32 program ids, which the indexing (dynamic_slice) rejects."""
+    out = []
+    for axis, i in enumerate(index):
+        if isinstance(i, slice):
+            if i != slice(None):
+                raise ValueError(f"bi_wkv kernel: only whole-axis slices are used here; got {i}")
+            i = pl.ds(jnp.int32(0), ref.shape[axis])
+        elif isinstance(i, pl.Slice):
+            i = pl.ds(_int32(i.start), i.size)
+        out.append(_int32(i))
+    return tuple(out)
 
 
 def _load(ref, index, mask, other=0.0):
     from jax.experimental.pallas import triton as pltriton
 
-    return pltriton.load(ref.at[_index(index)], mask=mask, other=other).astype(jnp.float32)
+    return pltriton.load(ref.at[_index(ref, index)], mask=mask, other=other).astype(jnp.float32)
 
 
 def _store(ref, index, value, mask):
     from jax.experimental.pallas import triton as pltriton
 
-    pltriton.store(ref.at[_index(index)], value.astype(ref.dtype), mask=mask)
+    pltriton.store(ref.at[_index(ref, index)], value.astype(ref.dtype), mask=mask)
+
+
+def _fori(count: int, body, init):
+    """lax.fori_loop(0, count, body, init) whose body sees an int32 index (as the program ids), also under
+    jax_enable_x64. (Python bounds, not int32 ones: those change the loop's lowering.)"""
+    return lax.fori_loop(0, count, lambda j, carry: body(lax.convert_element_type(j, jnp.int32), carry), init)
 
 
 def _select(flag, a, b):
@@ -496,7 +517,7 @@ def _sweep(plan: _Plan, body, carry, reverse: bool = False):
     """carry = body(i, carry) for each row (reversed: last row first)."""
     rows = plan.rows
     if plan.looped:
-        return lax.fori_loop(0, rows, lambda j, c: body(rows - 1 - j if reverse else j, c), carry)
+        return _fori(rows, lambda j, c: body(rows - 1 - j if reverse else j, c), carry)
     for i in (reversed(range(rows)) if reverse else range(rows)):
         carry = body(i, carry)
     return carry
@@ -1057,7 +1078,7 @@ def _loop(count: int, body, init):
     """``body(j, carry)`` for the tiles j of a segment: inline when there is one, else a loop."""
     if count == 1:
         return body(0, init)
-    return lax.fori_loop(0, count, body, init)
+    return _fori(count, body, init)
 
 
 def _scan_segments(plan: _Plan, seg_ref, s, cmask, w2, sizes: tuple, left: int, right: int, keep: int | None = None):
@@ -1106,7 +1127,7 @@ def _scan_segments(plan: _Plan, seg_ref, s, cmask, w2, sizes: tuple, left: int, 
         hi = _merge(hi, _shift(b, plan.seg_start(sr) - nxt, w2, -1))
         return lo, hi
 
-    return lax.fori_loop(0, n - 1, body, acc)
+    return _fori(n - 1, body, acc)
 
 
 def _fwd_scan(plan: _Plan, seg_ref, s, cmask, w2, nv: int):
@@ -1434,7 +1455,7 @@ def bi_wkv_pallas(
     positive int; default 28 compiled, 10 when official chunks are longer, 8 interpreted); tiles follow the
     official 32-way chunks. ``segments``: programs per row and channel block (at most 32; default: as few as
     fill a GPU). None of the last three changes the result beyond float rounding. Accumulates in float32;
-    float32, bfloat16 and float16 inputs; returns k's dtype. Decays past the kernel's numerics (w < 0 with
+    float32, bfloat16 and float16 inputs (also with jax_enable_x64 on); returns k's dtype. Decays past the kernel's numerics (w < 0 with
     max(-w) log2(e) (T + 1) > 20, official same-chunk growth max(w) log2(e) (n + 1) > 96, or u log2(e) > 96;
     see the module docstring) are computed by the scan form, chosen at run time under jit (``lax.cond``).
     """

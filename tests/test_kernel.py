@@ -190,6 +190,22 @@ def test_bonus_past_float32_takes_the_scan_form(variant):
           2e-5, 2e-6, "u = 100")
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_under_enable_x64(variant):
+    # With jax_enable_x64 on, Python ints and whole-axis slices index as int64 next to the int32 program ids and
+    # the kernel failed to trace (dynamic_slice index types). float32 inputs: the same values and gradients as
+    # the naive form; segments of two tiles (the loops over tiles and segments), and one input past the
+    # kernel's range (the scan form under lax.cond).
+    shape = (2, 65, 40)
+    with jax.enable_x64(True):
+        inputs = [("typical", make_inputs(20, *shape)),
+                  ("past the range", make_inputs(21, *shape, w_range=(-0.9, -0.02)))]
+        check_against_naive(variant, inputs[:1], rtol=2e-5, atol_frac=2e-6, grad_rtol=1e-4, grad_atol_frac=1e-5,
+                            tile_len=2)
+        check_against_naive(variant, inputs[1:], rtol=2e-5, atol_frac=2e-6, grad_rtol=1e-4, grad_atol_frac=1e-5,
+                            kernel_only=False, tile_len=2)
+
+
 @pytest.mark.parametrize("variant", ["official"])
 def test_bfloat16_inputs(variant):
     # bf16 k, v (f32 w, u): float32 accumulation inside, output and dk, dv in bf16. The naive reference sees
@@ -299,6 +315,10 @@ def test_lowers_to_triton_for_cuda(variant, dtype, tokens):
     # backward summary and output.
     assert forward.count("__gpu$xla.gpu.triton") == 2
     assert backward.count("__gpu$xla.gpu.triton") == 4
+    if dtype == jnp.float32 and variant == "official":  # also with jax_enable_x64 on (int32 indices inside)
+        with jax.enable_x64(True):
+            backward = jax.jit(grad).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert backward.count("__gpu$xla.gpu.triton") == 4
 
 
 # -------------------------------------------------------------------------------------------- packaging
