@@ -1455,9 +1455,10 @@ def bi_wkv_pallas(
     positive int; default 28 compiled, 10 when official chunks are longer, 8 interpreted); tiles follow the
     official 32-way chunks. ``segments``: programs per row and channel block (at most 32; default: as few as
     fill a GPU). None of the last three changes the result beyond float rounding. Accumulates in float32;
-    float32, bfloat16 and float16 inputs (also with jax_enable_x64 on); returns k's dtype. Decays past the kernel's numerics (w < 0 with
-    max(-w) log2(e) (T + 1) > 20, official same-chunk growth max(w) log2(e) (n + 1) > 96, or u log2(e) > 96;
-    see the module docstring) are computed by the scan form, chosen at run time under jit (``lax.cond``).
+    float32, bfloat16 and float16 inputs (also with jax_enable_x64 on); returns k's dtype. Decays past the
+    kernel's numerics (w < 0 with max(-w) log2(e) (T + 1) > 20, official same-chunk growth max(w) log2(e) (n + 1)
+    > 96, or u log2(e) > 96; see the module docstring) are computed by the scan form, chosen at run time under
+    jit (``lax.cond``).
     """
     w, u, k, v = check_inputs(w, u, k, v, variant=variant, caller="bi_wkv_pallas", dtypes=_SUPPORTED_DTYPES)
     batch, tokens, channels = k.shape
