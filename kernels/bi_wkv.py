@@ -41,6 +41,9 @@ Official weights for w n > 2. The same-chunk weight e^{-w(d-1)} + (1 - e^w) e^{w
 turns negative once w d exceeds ~1 and dominates the row once w n exceeds ~2 (decay above ~64): D_t can
 then be small or negative and y_t large, exactly as the official kernel and the naive reference compute it.
 The kernel evaluates the same sums (no NaN or inf while |w| L is in range above); tests cover w n up to ~6.
+The cancellation makes y ill-conditioned there, in float32 for every form: at T = 784 (n = 25) with w = 0.1
+(w n = 2.5) the naive form, the scan form and the kernel miss float64 by 5.5, 5.9 and 14 times the tests'
+tolerance on y; with w up to 0.14 (w n = 3.6, y up to ~3600) the naive and scan forms by 124 and 145 times.
 
 Parallel layout (``_Plan``). Tiles follow the official chunks: a tile is g = tile_len // n whole chunks, or,
 when n > tile_len, one of p = ceil(n / tile_len) parts of a chunk (the paper variant tiles freely). A
@@ -104,6 +107,14 @@ reread k and v (50), which ptxas loads early. Measured proxies: without the thir
 dropping the third sweep's tangents and dw leaves it at 216; reading g in 9-row blocks only after the first sweep
 and rereading k, v in 13-row blocks only after the second brings it to 168, yet ptxas (12.9 and 13.3) still
 allocates 255 and Triton's compile grows by ~40% (more memory operations), so the kernel keeps whole-tile reads.
+The ~40 integer registers are the first read's row addresses, which the compiler shares with the dk, dv stores
+at the tile's end: giving the first read addresses of its own (lane index tied to the incoming F, as the reread's
+is) and starting the reread only once the second sweep ends also gives a floor of 168, with whole-tile g and k, v
+reread in 13-row blocks (compile 26-31 s); ptxas still allocates 254. Its own schedule runs each sweep's carries
+ahead of the rows that use them and loads early (liveness profile of the SASS: 230-250 values live at the peaks);
+tying those chains to the rows moved the peak between sweeps but not the count, and made the compile 45 s.
+Pallas's Triton backend has no ``maxnreg`` (``CompilerParams``: num_warps, num_stages), and a one-warp program
+gains no occupancy between 225 and 255 registers, so ptxas has no reason to stop short of 255.
 168 registers is where 12 one-warp programs fit per SM; at this shape the grid itself gives 864 programs, 6.5
 per SM, all resident even at 254 registers (8 per SM on 132 SMs), so registers do not limit occupancy here.
 
