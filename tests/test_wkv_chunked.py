@@ -64,6 +64,19 @@ def test_large_keys_and_decays_of_both_signs(variant):
     check_against_naive(variant, w, u, big_k, v, 7, rtol=1e-4, grad_rtol=2e-3)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_exact_fallback_keeps_float32_precision(variant):
+    # T = 784: official chunks and tiles of 25 rows; keys with |k| up to ~60 span more exponent range than the
+    # fast path takes, so the rows run through the exact fallback. Its running sums used to add -w to their
+    # exponent at every row, rounding at the exponent's magnitude (~50) each time: y missed float64 by 3-4 times
+    # this tolerance (the fast form and the scan form by 0.2-0.3 times).
+    w, u, k, v = make_inputs(5492, 2, 784, 6, w_range=(-0.02, 0.02), k_scale=15.0)
+    _, in_range = wkv_chunked._tiled(w, u, k, v, official=variant == "official", tile=wkv_chunked.DEFAULT_TILE,
+                                     compute_dtype=jnp.float32, aligned=True, exact=False)
+    assert not bool(in_range)
+    check_against_naive(variant, w, u, k, v, 8)
+
+
 @pytest.mark.slow  # long compiles; the default tests cover values, grads and exponent range
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_long_sequence_against_float64_rows(variant):
