@@ -47,8 +47,14 @@ _FIELDS = 16  # rows of a packed per-tile block (summaries: 14 or 7 fields; outp
 _SUPPORTED = (jnp.float32, jnp.bfloat16)
 
 
+def _roll(x: jax.Array, shift: int) -> jax.Array:
+    """x rotated along its rows by a constant shift; an int32 shift, as Mosaic's rotate takes (a Python int would
+    be int64 under jax_enable_x64)."""
+    return pltpu.roll(x, jnp.int32(shift), 0)
+
+
 def _spec(official: bool) -> wc.TileSpec:
-    roll = lambda x, shift: pltpu.roll(x, shift, 0)  # noqa: E731
+    roll = _roll
     return wc.TileSpec(official=official, tile=TILE, safe=wc.safe_range(jnp.float32), aligned=False, roll=roll,
                        unroll=True)
 

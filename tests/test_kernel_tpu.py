@@ -110,6 +110,25 @@ def test_lowers_for_tpu_as_mosaic(shape, dtype, variant, grad):
     assert "triton" not in text.lower()
 
 
+@pytest.mark.parametrize("variant", ["official", "paper"])
+def test_lowers_for_tpu_under_enable_x64(variant):
+    # With jax_enable_x64 on, the constant row shifts were int64 and Mosaic's rotate (i32 shifts only) failed
+    # to verify. The gradient (all four kernels) lowers; values under x64 in interpret mode are checked below.
+    with jax.enable_x64(True):
+        text = lowered_text((2, 300, 72), jnp.float32, variant, True, "tpu")
+    assert mosaic_calls(text) >= 4
+
+
+@pytest.mark.parametrize("variant", ["official", "paper"])
+def test_values_under_enable_x64(variant):
+    w, u, k, v = make_inputs(31, 2, 70, 8)
+    with jax.enable_x64(True):
+        y = bi_wkv_tpu(w, u, k, v, variant=variant, interpret=True)
+        y_naive = bi_wkv(w, u, k, v, impl="naive", variant=variant)
+    assert y.dtype == jnp.float32
+    close(y, y_naive, rtol=2e-5, atol_frac=2e-6)
+
+
 @pytest.mark.slow
 def test_lowers_for_cuda_as_triton():
     text = lowered_text((2, 784, 576), jnp.float32, "official", False, "cuda")
