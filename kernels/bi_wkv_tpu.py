@@ -54,8 +54,7 @@ def _roll(x: jax.Array, shift: int) -> jax.Array:
 
 
 def _spec(official: bool) -> wc.TileSpec:
-    roll = _roll
-    return wc.TileSpec(official=official, tile=TILE, safe=wc.safe_range(jnp.float32), aligned=False, roll=roll,
+    return wc.TileSpec(official=official, tile=TILE, safe=wc.safe_range(jnp.float32), aligned=False, roll=_roll,
                        unroll=True)
 
 
