@@ -32,9 +32,8 @@ them by 1.2-1.8 times, and past ~100 the smaller sum vanishes before it is carri
 (``_within_range``: that growth at most 20; for the official variant the same-chunk growth
 max(w) log2(e) (n + 1) at most 96, past which that weight overflows float32; u log2(e) at most 96, e^u being one
 float32 factor) and computes anything outside by the scan form (``bi_wkv(impl="scan")``: per-token running
-references, as accurate as the dense definition in float32 there, where the chunked form loses digits with
-large keys), under ``lax.cond`` when w and u are traced (both forms compile, one runs; on GPU the conditional
-reads its predicate on the host). The models pass w = decay / T: row growth |decay| log2(e), at most ~7 for the
+references, as accurate as the dense definition in float32 there), under ``lax.cond`` when w and u are traced
+(both forms compile, one runs; on GPU the conditional reads its predicate on the host). The models pass w = decay / T: row growth |decay| log2(e), at most ~7 for the
 initial decays of -5 to 3.
 
 Official weights for w n > 2. The same-chunk weight e^{-w(d-1)} + (1 - e^w) e^{w d} (token d places back)
@@ -379,8 +378,6 @@ def _index(ref, index: tuple) -> tuple:
             if i != slice(None):
                 raise ValueError(f"bi_wkv kernel: only whole-axis slices are used here; got {i}")
             i = pl.ds(jnp.int32(0), ref.shape[axis])
-        elif isinstance(i, pl.Slice):
-            i = pl.ds(_int32(i.start), i.size)
         out.append(_int32(i))
     return tuple(out)
 

@@ -64,6 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from . import running_sum as rsum
 from .wkv_spec import EMPTY_EXPONENT as _EMPTY
 from .wkv_spec import EPS, check_inputs, chunk_length
 
@@ -709,18 +710,16 @@ def tile_output_vjp(k, v, w, u, incoming, rows: TileRows, spec: TileSpec, g: jax
 def tile_output_exact(k, v, w, u, incoming, rows: TileRows, spec: TileSpec) -> jax.Array:
     """``tile_output`` without scaled keys, for tiles whose range exceeds ``spec.safe``: the intra-tile sums run
     row by row (``lax.scan`` over the L rows, every tile and channel at once) as exact log-domain sums started
-    from the incoming states, like ``impl="scan"`` within each tile. XLA only (differentiated by autodiff).
-
-    A running sum's exponent is ``top + rate * age`` (``_Aged``): its largest term's exponent when it entered
-    and the exact count of rows it has decayed since, so the decay costs one rounding however many rows it
-    spans. (Adding -w to the exponent at every row rounded at the exponent's magnitude each time: with keys of
-    |k| ~ 50 and 25-row tiles, y missed float64 by 1.2-4.3 times the tests' tolerance.)"""
+    from the incoming states, like ``impl="scan"`` within each tile and with its running sums (``running_sum``:
+    the exponent recomputed from an exact row count; adding -w to it at every row rounded at the exponent's
+    magnitude each time, and with keys of |k| ~ 50 in 25-row tiles y missed float64 by 1.2-4.3 times the tests'
+    tolerance). XLA only (differentiated by autodiff)."""
     t = _tile(k, v, rows, spec)
     top = _top(t, _keys(t, w, spec), w, u, incoming, rows, spec)
     w_all, w = w, w.reshape(w.shape[-1])  # per channel, to broadcast against one row (..., C)
     like = t.k[0]
-    empty = _Aged.of(_Sum(jnp.full_like(like, _EMPTY), jnp.zeros_like(like), jnp.zeros_like(like)))
-    state = lambda at: _Aged.of(_Sum(*(jnp.broadcast_to(x[0], like.shape) for x in incoming[at : at + 3])))
+    empty = rsum.empty(like)
+    state = lambda at: rsum.start(*(jnp.broadcast_to(x[0], like.shape) for x in incoming[at : at + 3]))
     starts = (t.row == rows.lo) & (rows.rlo != 0)
     present = jnp.broadcast_to(t.present, t.k.shape)
     starts = jnp.broadcast_to(starts, t.k.shape)
@@ -729,10 +728,10 @@ def tile_output_exact(k, v, w, u, incoming, rows: TileRows, spec: TileSpec) -> j
     def backward(future, xs):  # future = sum over later rows, referenced at this row
         k_row, v_row, here = xs
         if spec.official:  # F_{t-1} = e^{-w} (F_t + e^{k_t})
-            nxt = future.absorb(k_row, v_row, here, -w).decay()
+            nxt = rsum.decay(rsum.absorb(future, -w, k_row, v_row, here))
         else:  # B_{t-1} = e^{-w} B_t + e^{k_t}
-            nxt = future.decay().absorb(k_row, v_row, here, -w)
-        return _Aged.pick(here, nxt, state(f_at)), future.emit(-w)
+            nxt = rsum.absorb(rsum.decay(future), -w, k_row, v_row, here)
+        return rsum.select(here, nxt, state(f_at)), rsum.emit(future, -w)
 
     _, future = lax.scan(backward, state(f_at), (t.k, t.v, present), reverse=True)
     if spec.official:
@@ -740,14 +739,14 @@ def tile_output_exact(k, v, w, u, incoming, rows: TileRows, spec: TileSpec) -> j
         def forward(carry, xs):
             prefix, past, residual = carry
             k_row, v_row, here, start = xs
-            past, residual = _Aged.pick(start, prefix, past), _Aged.pick(start, empty, residual)
-            residual = residual.absorb(k_row, v_row, here & ~start, w)  # the row's own (1 - e^w) e^{k}
-            out = (past.emit(-w), residual.emit(w))
-            prefix = prefix.absorb(k_row, v_row, here, -w).decay()
-            past = past.decay().absorb(k_row, v_row, here, -w)
-            return (prefix, past, residual.decay()), out
+            past, residual = rsum.select(start, prefix, past), rsum.select(start, empty, residual)
+            residual = rsum.absorb(residual, w, k_row, v_row, here & ~start)  # the row's own (1 - e^w) e^{k}
+            out = (rsum.emit(past, -w), rsum.emit(residual, w))
+            prefix = rsum.decay(rsum.absorb(prefix, -w, k_row, v_row, here))
+            past = rsum.absorb(rsum.decay(past), -w, k_row, v_row, here)
+            return (prefix, past, rsum.decay(residual)), out
 
-        carry = (state(0), state(3), state(6).decay())
+        carry = (state(0), state(3), rsum.decay(state(6)))
         _, (past, residual) = lax.scan(forward, carry, (t.k, t.v, present, starts))
         pieces = [(past, 1.0), (residual, 1.0 - jnp.exp(w_all)), (future, 1.0)]
         eps = EPS
@@ -755,52 +754,17 @@ def tile_output_exact(k, v, w, u, incoming, rows: TileRows, spec: TileSpec) -> j
 
         def forward(past, xs):
             k_row, v_row, here = xs
-            return past.decay().absorb(k_row, v_row, here, -w), past.emit(-w)
+            return rsum.absorb(rsum.decay(past), -w, k_row, v_row, here), rsum.emit(past, -w)
 
         _, past = lax.scan(forward, state(0), (t.k, t.v, present))
         pieces = [(past, 1.0), (future, 1.0)]
         eps = 0.0
     self_scale = jnp.exp(u + t.k - top)
     num, den = self_scale * t.v, self_scale + eps
-    for piece, coef in pieces:
-        scale = coef * jnp.exp(piece.ref - top)
-        num, den = num + piece.a * scale, den + piece.b * scale
+    for (ref, a, b), coef in pieces:
+        scale = coef * jnp.exp(ref - top)
+        num, den = num + a * scale, den + b * scale
     return num / jnp.where(t.present, den, 1.0)
-
-
-class _Aged(NamedTuple):
-    """A running sum (a, b) e^{top + rate * age} of ``tile_output_exact``'s row scans; ``top`` is constant for
-    differentiation (the rate carries w's gradient), ``age`` an exact count of rows."""
-
-    top: jax.Array
-    age: jax.Array
-    a: jax.Array
-    b: jax.Array
-
-    @staticmethod
-    def of(x: _Sum) -> _Aged:
-        return _Aged(x.ref, jnp.zeros_like(x.a), x.a, x.b)
-
-    def emit(self, rate) -> _Sum:
-        return _Sum(self.top + rate * self.age, self.a, self.b)
-
-    def decay(self) -> _Aged:
-        """One row later: multiplied by e^{rate}."""
-        return self._replace(age=self.age + 1.0)
-
-    def absorb(self, k_row, v_row, here, rate) -> _Aged:
-        """Plus e^{k} (v, 1) where ``here``; a larger term becomes the new top (age 0)."""
-        k_row = jnp.where(here, k_row, _EMPTY)
-        ref = self.top + rate * self.age
-        renew = _sg(k_row > ref)
-        new_ref = jnp.where(renew, _sg(k_row), ref)
-        old, new = jnp.exp(ref - new_ref), jnp.where(here, jnp.exp(k_row - new_ref), 0.0)
-        return _Aged(jnp.where(renew, _sg(k_row), self.top), jnp.where(renew, 0.0, self.age),
-                     self.a * old + v_row * new, self.b * old + new)
-
-    @staticmethod
-    def pick(flag, x: _Aged, y: _Aged) -> _Aged:
-        return _Aged(*(jnp.where(flag, p, q) for p, q in zip(x, y)))
 
 
 # -------------------------------------------------------------------------------------------------- combine

@@ -76,6 +76,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from rwkvunet_jax.kernels import running_sum as rsum
 from rwkvunet_jax.kernels.wkv_chunked import bi_wkv_chunked
 from rwkvunet_jax.kernels.wkv_spec import EMPTY_EXPONENT as _EMPTY
 from rwkvunet_jax.kernels.wkv_spec import EPS, NUM_CHUNKS, VARIANTS, check_inputs, chunk_length
@@ -301,55 +302,8 @@ _naive = jax.jit(_naive_impl, static_argnames=("variant", "compute_dtype", "bloc
 
 
 # ------------------------------------------------------------------------------------------------ scan O(T)
-# A partial sum sum_j c_j e^{x_j} (c = v for the numerator, 1 for the denominator) whose terms all decay by
-# e^{rate} per token is held as (top, age, a, b): numerator a * e^{ref}, denominator b * e^{ref}, with the
-# reference exponent ref = top + rate * age. ``top`` is the largest exponent at the time it was absorbed and
-# ``age`` counts the tokens since, so ref is the running maximum, every term is at most e^{ref} and
-# 0 <= b <= #terms, |a| <= #terms * max|v|: nothing overflows for any k or w. Recomputing ref
-# from (top, age) instead of adding the rate once per token keeps float32 rounding from piling up over long
-# sequences. Any reference gives the same sum, so ``top`` is held under stop_gradient and the rate's gradient
-# flows through rate * age.
-
-
-def _empty(like: jax.Array) -> tuple[jax.Array, ...]:
-    return jnp.full_like(like, _EMPTY), jnp.zeros_like(like), jnp.zeros_like(like), jnp.zeros_like(like)
-
-
-def _ref(acc, rate):
-    top, age, _, _ = acc
-    return top + rate * age
-
-
-def _absorb(acc, rate, x, v, present=None):
-    """Add the term e^{x} (numerator v e^{x}); ``present`` (bool) masks the term out where False."""
-    top, age, a, b = acc
-    if present is not None:
-        x = jnp.where(present, x, _EMPTY)
-    ref = _ref(acc, rate)
-    renew = lax.stop_gradient(x > ref)
-    new_ref = jnp.where(renew, lax.stop_gradient(x), ref)
-    old, new = jnp.exp(ref - new_ref), jnp.exp(x - new_ref)
-    if present is not None:
-        new = jnp.where(present, new, 0.0)
-    top = jnp.where(renew, lax.stop_gradient(x), top)
-    age = jnp.where(renew, 0.0, age)
-    return top, age, a * old + v * new, b * old + new
-
-
-def _decay(acc):
-    """Multiply the sum by e^{rate} (one token later)."""
-    top, age, a, b = acc
-    return top, age + 1.0, a, b
-
-
-def _select(flag, acc_true, acc_false):
-    return tuple(jnp.where(flag, x, y) for x, y in zip(acc_true, acc_false))
-
-
-def _emit(acc, rate):
-    """What a scan step outputs about a sum: (ref, a, b), one array fewer than the carry."""
-    _, _, a, b = acc
-    return _ref(acc, rate), a, b
+# Partial sums are carried as log-domain running sums (rwkvunet_jax.kernels.running_sum): (top, age, a, b) with
+# the reference exponent top + rate * age, recomputed from an exact token count rather than accumulated.
 
 
 def _remat(step):
@@ -370,20 +324,20 @@ def _scan_impl(w, u, k, v, *, variant: str, compute_dtype: jnp.dtype) -> jax.Arr
         # Official F_{t-1} = e^{-w}(F_t + e^{k_t}); paper B_{t-1} = e^{-w} B_t + e^{k_t}.
         k_t, v_t = kv
         if variant == "official":
-            new = _decay(_absorb(suffix, -w, k_t, v_t))
+            new = rsum.decay(rsum.absorb(suffix, -w, k_t, v_t))
         else:
-            new = _absorb(_decay(suffix), -w, k_t, v_t)
-        return new, _emit(suffix, -w)
+            new = rsum.absorb(rsum.decay(suffix), -w, k_t, v_t)
+        return new, rsum.emit(suffix, -w)
 
-    _, future = lax.scan(_remat(suffix_step), _empty(zero), (k, v), reverse=True)
+    _, future = lax.scan(_remat(suffix_step), rsum.empty(zero), (k, v), reverse=True)
 
     if variant == "paper":
 
         def past_step(past, kv):
             k_t, v_t = kv
-            return _absorb(_decay(past), -w, k_t, v_t), _emit(past, -w)
+            return rsum.absorb(rsum.decay(past), -w, k_t, v_t), rsum.emit(past, -w)
 
-        _, past = lax.scan(_remat(past_step), _empty(zero), (k, v))
+        _, past = lax.scan(_remat(past_step), rsum.empty(zero), (k, v))
         terms = [(1.0, past), (1.0, future)]
         top = jnp.maximum(jnp.maximum(past[0], future[0]), u + k)
         eps = 0.0
@@ -395,15 +349,16 @@ def _scan_impl(w, u, k, v, *, variant: str, compute_dtype: jnp.dtype) -> jax.Arr
             prefix, past, residual = carry
             k_t, v_t, later_t = xs
             # At a chunk start the within-chunk sums restart: past from the global prefix, residual empty.
-            past = _select(later_t, past, prefix)
-            residual = _select(later_t, residual, _empty(zero))
-            out = (_emit(past, -w), _emit(residual, w))
-            prefix = _decay(_absorb(prefix, -w, k_t, v_t))  # P_{t+1} = e^{-w}(P_t + e^{k_t})
-            past = _absorb(_decay(past), -w, k_t, v_t)  # e^{-w} (earlier chunks + Q_t) + e^{k_t}
-            residual = _decay(_absorb(residual, w, k_t, v_t, present=later_t))  # S_{t+1} = e^{w}(S_t + [t>s]e^{k_t})
+            past = rsum.select(later_t, past, prefix)
+            residual = rsum.select(later_t, residual, rsum.empty(zero))
+            out = (rsum.emit(past, -w), rsum.emit(residual, w))
+            prefix = rsum.decay(rsum.absorb(prefix, -w, k_t, v_t))  # P_{t+1} = e^{-w}(P_t + e^{k_t})
+            past = rsum.absorb(rsum.decay(past), -w, k_t, v_t)  # e^{-w} (earlier chunks + Q_t) + e^{k_t}
+            # S_{t+1} = e^{w}(S_t + [t>s] e^{k_t})
+            residual = rsum.decay(rsum.absorb(residual, w, k_t, v_t, present=later_t))
             return (prefix, past, residual), out
 
-        _, (past, residual) = lax.scan(_remat(official_step), (_empty(zero),) * 3, (k, v, later))
+        _, (past, residual) = lax.scan(_remat(official_step), (rsum.empty(zero),) * 3, (k, v, later))
         leak = 1.0 - jnp.exp(w)  # may be negative: the reason the terms are combined only here
         terms = [(1.0, past), (leak, residual), (1.0, future)]
         # The kernel's running maximum o_t (module docstring), which sets the scale of EPS. o2_t is the past
